@@ -1,0 +1,40 @@
+"""FedAvg and unweighted FedAvg (McMahan et al., 2017).
+
+Under sparse uploads both reduce to FLARE's sparse aggregation (Alg. 2) with
+every client accepted (ALGORITHMS.md sections 1 and 4).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.registry import register
+
+
+def _make(weighted: bool) -> Aggregator:
+
+  def init(d):
+    del d
+    return ()
+
+  def apply(state, updates, masks, weights, key, ctx):
+    del key
+    w = weights if weighted else jnp.ones_like(weights)
+    acceptance = jnp.ones((updates.shape[0],), updates.dtype)
+    update = combine(updates, masks, w, acceptance, ctx.pack_size)
+    return AggOut(update, acceptance, {}), state
+
+  return Aggregator(init, apply)
+
+
+@register("fedavg")
+def fedavg() -> Aggregator:
+  """FedAvg: the mean of the updates weighted by the clients' dataset sizes."""
+  return _make(weighted=True)
+
+
+@register("nwfedavg")
+def nwfedavg() -> Aggregator:
+  """Unweighted FedAvg: the plain mean of the updates."""
+  return _make(weighted=False)

@@ -1,0 +1,259 @@
+"""Local training of one client, written to be vmapped over a client axis.
+
+A client receives the global parameters, trains on its own rows of the shared
+training set (gathered by index inside jit, DESIGN.md "Data at scale") and
+returns a flat update vector:
+
+* ``update_mode="delta"``: ``u = global - local`` after local training, a
+  descent direction like a gradient (FedAvg, SafeSparse/FLARE, SparseFed).
+* ``update_mode="momentum"``: the client's momentum buffer after its local
+  steps, with ``m = (1 - beta) g + beta m`` (hybrid_sparse_attack.txt
+  section 2.1, eq. 3 and Alg. 1). The buffer persists across rounds in the
+  per-client state ``[C, d]`` and the server applies
+  ``theta - lr * AGG(m_1..m_K)``.
+
+Local schedule: ``local_steps > 0`` runs exactly that many minibatch steps
+(batches drawn uniformly from the client's samples); otherwise
+``local_epochs`` epochs of shuffled minibatches. Because every client runs
+under one compiled function, the number of steps is fixed by the largest
+client (``n_max``); steps past a client's own epoch end are no-ops, and the
+last partial batch of an epoch is masked, so each client computes exactly
+what it would on its own.
+
+The local optimizer (optax) is fresh every round (its state is not carried
+across rounds), except the momentum buffer of ``update_mode="momentum"``.
+
+BatchNorm statistics (``model_state``) are updated locally and returned
+separately; they are not part of the update vector (see
+:mod:`fedjax_sparse.models`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+UPDATE_MODES = ("delta", "momentum")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+  """Hyperparameters of local training.
+
+  Attributes:
+    optimizer: "sgd", "momentum" (SGD with heavy-ball momentum) or "adam".
+    lr: local learning rate.
+    momentum: momentum of the "momentum" optimizer and beta of
+      ``update_mode="momentum"``.
+    weight_decay: L2 weight decay added to the gradient (0 disables).
+    local_epochs: epochs per round when ``local_steps == 0``.
+    local_steps: exact number of local steps per round (overrides epochs).
+    batch_size: minibatch size.
+    update_mode: "delta" or "momentum" (see the module docstring).
+    prox_mu: FedProx proximal coefficient mu (0 = plain local training).
+  """
+
+  optimizer: str = "sgd"
+  lr: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  local_epochs: int = 1
+  local_steps: int = 0
+  batch_size: int = 32
+  update_mode: str = "delta"
+  prox_mu: float = 0.0
+
+  def validate(self) -> None:
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"unknown client optimizer {self.optimizer!r}; "
+                       f"choose one of {', '.join(OPTIMIZERS)}")
+    if self.update_mode not in UPDATE_MODES:
+      raise ValueError(f"unknown update_mode {self.update_mode!r}; "
+                       f"choose one of {', '.join(UPDATE_MODES)}")
+    if not self.lr > 0:
+      raise ValueError(f"the client learning rate must be > 0, got {self.lr}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.local_steps < 0:
+      raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
+    if self.local_steps == 0 and self.local_epochs < 1:
+      raise ValueError("set local_epochs >= 1 or local_steps >= 1 "
+                       f"(got local_epochs={self.local_epochs}, local_steps=0)")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+    if self.weight_decay < 0 or self.prox_mu < 0:
+      raise ValueError("weight_decay and prox_mu must be >= 0")
+
+  def steps_per_round(self, n_max: int) -> int:
+    """Number of (possibly no-op) local steps every client runs."""
+    if self.local_steps > 0:
+      return self.local_steps
+    return self.local_epochs * math.ceil(n_max / self.batch_size)
+
+
+def make_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
+  """The optax local optimizer for ``cfg`` (without momentum-mode handling)."""
+  if cfg.optimizer == "adam":
+    opt = optax.adam(cfg.lr)
+  elif cfg.optimizer == "momentum":
+    opt = optax.sgd(cfg.lr, momentum=cfg.momentum)
+  else:
+    opt = optax.sgd(cfg.lr)
+  if cfg.weight_decay > 0:
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), opt)
+  return opt
+
+
+class ClientOut(NamedTuple):
+  """What one client returns.
+
+  Attributes:
+    update: ``f32[d]`` flat update (delta or momentum, see module docstring).
+    model_state: the client's final non-parameter collections (BatchNorm
+      statistics), ``{}`` for models without any.
+    client_state: the client's new persistent state (momentum buffer) or ().
+    loss: mean training loss over the client's local steps.
+  """
+
+  update: jax.Array
+  model_state: PyTree
+  client_state: PyTree
+  loss: jax.Array
+
+
+def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy (int labels)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _batch_positions(cfg: ClientConfig, n_max: int, count: jax.Array,
+                     key: jax.Array):
+  """Positions into the client's index row for every step: int32[S, B] + valid mask."""
+  num_steps = cfg.steps_per_round(n_max)
+  bsz = cfg.batch_size
+  if cfg.local_steps > 0:
+    u = jax.random.uniform(key, (num_steps, bsz))
+    pos = jnp.minimum((u * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
+    valid = jnp.broadcast_to(count > 0, (num_steps, bsz))
+    return pos, valid
+  spe = math.ceil(n_max / bsz)
+  keys = jax.random.split(key, cfg.local_epochs)
+  slots = jnp.arange(n_max)
+
+  def epoch_perm(k):
+    r = jax.random.uniform(k, (n_max,))
+    r = jnp.where(slots < count, r, 2.0)  # padding slots sort last
+    return jnp.argsort(r).astype(jnp.int32)
+
+  perms = jax.vmap(epoch_perm)(keys)  # [E, n_max]
+  pad = spe * bsz - n_max
+  perms = jnp.pad(perms, ((0, 0), (0, pad)))
+  in_epoch = jnp.pad(slots, (0, pad), constant_values=n_max)
+  pos = perms.reshape(cfg.local_epochs * spe, bsz)
+  valid = jnp.tile((in_epoch < count).reshape(spe, bsz), (cfg.local_epochs, 1))
+  return pos, valid
+
+
+def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
+                      has_model_state: bool = False) -> Callable:
+  """Builds the pure function that trains one client.
+
+  Args:
+    apply_fn: ``apply_fn(variables, x, train=..., mutable=...)`` of a Linen
+      module (``module.apply``).
+    cfg: local training hyperparameters.
+    n_max: width of the client index table (the largest client).
+    has_model_state: whether the model has non-parameter collections
+      (BatchNorm ``batch_stats``).
+
+  Returns:
+    ``train(params, model_state, client_state, x_all, y_all, idx_row, count,
+    key) -> ClientOut``. ``client_state`` is the client's momentum buffer
+    (a params-shaped pytree) in momentum mode, else ``()``.
+  """
+  cfg.validate()
+  opt = make_optimizer(cfg)
+  momentum_mode = cfg.update_mode == "momentum"
+  beta = cfg.momentum
+
+  def loss_fn(params, model_state, global_params, x, y, ex_mask):
+    variables = {"params": params, **model_state}
+    if has_model_state:
+      logits, new_vars = apply_fn(variables, x, train=True,
+                                  mutable=list(model_state.keys()))
+    else:
+      logits = apply_fn(variables, x, train=True)
+      new_vars = {}
+    per_ex = softmax_xent(logits, y)
+    denom = jnp.maximum(jnp.sum(ex_mask), 1.0)
+    loss = jnp.sum(per_ex * ex_mask) / denom
+    total = loss
+    if cfg.prox_mu > 0:
+      sq = sum(jnp.sum((p - g) ** 2) for p, g in zip(
+          jax.tree.leaves(params), jax.tree.leaves(global_params)))
+      total = loss + 0.5 * cfg.prox_mu * sq
+    return total, (loss, new_vars)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train(params, model_state, client_state, x_all, y_all, idx_row, count,
+            key):
+    global_params = params
+    pos, valid = _batch_positions(cfg, n_max, count, key)
+    if momentum_mode:
+      mom0 = client_state
+      opt_state0 = ()
+    else:
+      mom0 = ()
+      opt_state0 = opt.init(params)
+
+    def step(carry, inp):
+      p, ms, opt_state, mom, loss_sum, n_steps = carry
+      pos_s, valid_s = inp
+      ex_mask = valid_s.astype(jnp.float32)
+      rows = idx_row[pos_s]
+      x = x_all[rows]
+      y = y_all[rows]
+      (_, (loss, new_ms)), g = grad_fn(p, ms, global_params, x, y, ex_mask)
+      live = jnp.any(valid_s)
+      if momentum_mode:
+        if cfg.weight_decay > 0:
+          g = jax.tree.map(lambda gi, pi: gi + cfg.weight_decay * pi, g, p)
+        new_mom = jax.tree.map(lambda m, gi: (1 - beta) * gi + beta * m, mom, g)
+        new_p = jax.tree.map(lambda pi, m: pi - cfg.lr * m, p, new_mom)
+        new_opt_state = opt_state
+      else:
+        upd, new_opt_state = opt.update(g, opt_state, p)
+        new_p = optax.apply_updates(p, upd)
+        new_mom = mom
+      keep = lambda new, old: jax.tree.map(
+          lambda a, b: jnp.where(live, a, b), new, old)
+      carry = (keep(new_p, p), keep(new_ms, ms) if has_model_state else ms,
+               keep(new_opt_state, opt_state), keep(new_mom, mom),
+               loss_sum + jnp.where(live, loss, 0.0),
+               n_steps + live.astype(jnp.float32))
+      return carry, None
+
+    init = (params, model_state, opt_state0, mom0, jnp.float32(0.0),
+            jnp.float32(0.0))
+    (p, ms, _, mom, loss_sum, n_steps), _ = jax.lax.scan(step, init,
+                                                         (pos, valid))
+    if momentum_mode:
+      update = ravel_pytree(mom)[0]
+      new_client_state = mom
+    else:
+      update = ravel_pytree(global_params)[0] - ravel_pytree(p)[0]
+      new_client_state = client_state
+    loss = loss_sum / jnp.maximum(n_steps, 1.0)
+    return ClientOut(update, ms, new_client_state, loss)
+
+  return train
