@@ -1,0 +1,211 @@
+r"""Throughput of the round step against a sequential per-client loop.
+
+For the MLP and the hybrid paper's 2-layer CNN on FashionMNIST-shaped data,
+at K in {10, 20, 50, 100} participating clients, this measures samples/s of
+one federated round (local training of all K clients + FedAvg + server
+update) for every client engine of the round step:
+
+* ``vmap``: all K clients at once;
+* ``map/B``: ``lax.map`` over chunks of B clients, each chunk vmapped;
+* ``sequential``: ``lax.map`` one client at a time inside the jit;
+
+against the baseline of sequential simulators: a Python loop over clients
+that calls a jitted single-client trainer, then averages. It also records
+compile times and the training FLOP/s (from XLA's cost analysis of the
+single-client trainer) as a fraction of this machine's float32 matmul peak,
+measured in the same run.
+
+  python -m benchmarks.round_throughput [--quick] [--out=benchmarks/results/round_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sparse import aggregators
+from fedjax_sparse import models
+from fedjax_sparse.client.local import ClientConfig, make_client_train
+from fedjax_sparse.layout import layout_of
+from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
+                                            init_server_state, make_round_step)
+
+LOCAL_STEPS = 10
+BATCH = 32
+N_PER_CLIENT = 320
+
+
+def _time(fn, reps):
+  """Median wall time of ``fn()`` over ``reps`` runs (after one warm-up)."""
+  fn()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  """Measured float32 matmul FLOP/s of this backend (best of ``reps``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def make_data(num_clients: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  n = num_clients * N_PER_CLIENT
+  x = rng.normal(size=(n, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  idx = np.arange(n, dtype=np.int32).reshape(num_clients, N_PER_CLIENT)
+  counts = np.full(num_clients, N_PER_CLIENT, np.int32)
+  return RoundData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx),
+                   jnp.asarray(counts))
+
+
+def bench_engine(model, variables, data, k, engine, chunk, reps):
+  ccfg = ClientConfig(optimizer="sgd", lr=0.05, local_steps=LOCAL_STEPS,
+                      batch_size=BATCH)
+  cfg = RoundConfig(num_clients=k, clients_per_round=k, client=ccfg,
+                    engine=engine, map_batch_size=chunk)
+  agg = aggregators.get("fedavg")()
+  layout = layout_of(variables["params"])
+  step = make_round_step(cfg, model.apply, agg, layout, N_PER_CLIENT)
+  holder = {"s": init_server_state(cfg, variables, agg, jax.random.key(0))}
+  t0 = time.perf_counter()
+  compiled = step.lower(holder["s"], data).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    holder["s"], m = compiled(holder["s"], data)
+    jax.block_until_ready(m["loss"])
+
+  return _time(run, reps), compile_s
+
+
+def bench_python_loop(model, variables, data, k, reps):
+  """The sequential-simulator baseline: a Python loop of jitted clients."""
+  ccfg = ClientConfig(optimizer="sgd", lr=0.05, local_steps=LOCAL_STEPS,
+                      batch_size=BATCH)
+  train = jax.jit(make_client_train(model.apply, ccfg, N_PER_CLIENT))
+  params = variables["params"]
+  keys = jax.random.split(jax.random.key(0), k)
+  t0 = time.perf_counter()
+  lowered = train.lower(params, {}, (), data.x, data.y, data.idx[0],
+                        data.counts[0], keys[0])
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  from jax.flatten_util import ravel_pytree
+  flat, unravel = ravel_pytree(params)
+
+  @jax.jit
+  def server(flat, ups):
+    return flat - jnp.mean(jnp.stack(ups), axis=0)
+
+  def run():
+    nonlocal flat
+    ups = []
+    p = unravel(flat)
+    for i in range(k):
+      ups.append(compiled(p, {}, (), data.x, data.y, data.idx[i],
+                          data.counts[i], keys[i]).update)
+    flat = server(flat, ups)
+    flat.block_until_ready()
+
+  return _time(run, reps), compile_s, flops
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="K in {10, 20} only, fewer repetitions")
+  parser.add_argument("--models", default="mlp,cnn2")
+  parser.add_argument("--ks", default="10,20,50,100")
+  parser.add_argument("--chunks", default="5,10,25")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--out", default="benchmarks/results/round_throughput.json")
+  args = parser.parse_args()
+  ks = [10, 20] if args.quick else [int(v) for v in args.ks.split(",")]
+  chunks = [int(v) for v in args.chunks.split(",")]
+  reps = 1 if args.quick else args.reps
+
+  peak = matmul_peak()
+  print(f"backend {jax.default_backend()}, {os.cpu_count()} cpus, "
+        f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+  rows = []
+  for name in args.models.split(","):
+    model = models.get_model(name, 10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    for k in ks:
+      data = make_data(k)
+      samples = k * LOCAL_STEPS * BATCH
+      base_s, base_compile, flops = bench_python_loop(model, variables, data,
+                                                      k, reps)
+      row = {"model": name, "K": k, "python_loop_s": base_s,
+             "python_loop_compile_s": base_compile,
+             "flops_per_client_round": flops, "engines": {}}
+      engines = [("vmap", 0), ("sequential", 0)]
+      engines += [("map", c) for c in chunks if c < k]
+      for engine, chunk in engines:
+        label = engine if engine != "map" else f"map/{chunk}"
+        sec, comp = bench_engine(model, variables, data, k, engine, chunk or 1,
+                                 reps)
+        row["engines"][label] = {
+            "seconds": sec, "compile_s": comp,
+            "samples_per_s": samples / sec, "speedup": base_s / sec,
+            "peak_fraction": flops * k / sec / peak if flops else None}
+        print(f"  {name:5s} K={k:3d} {label:10s} {sec * 1e3:9.1f} ms "
+              f"x{base_s / sec:5.2f} vs loop  compile {comp:5.1f} s",
+              flush=True)
+      best = max(row["engines"], key=lambda e: row["engines"][e]["speedup"])
+      row["best_engine"] = best
+      rows.append(row)
+
+  print()
+  print("| model | K | python loop samples/s | best engine | samples/s | "
+        "speedup | % of matmul peak | compile s |")
+  print("|---|---:|---:|---|---:|---:|---:|---:|")
+  for r in rows:
+    b = r["engines"][r["best_engine"]]
+    samples = r["K"] * LOCAL_STEPS * BATCH
+    pf = b["peak_fraction"]
+    print(f"| {r['model']} | {r['K']} | {samples / r['python_loop_s']:,.0f} | "
+          f"{r['best_engine']} | {b['samples_per_s']:,.0f} | "
+          f"{b['speedup']:.2f}x | {100 * pf:.0f}% | {b['compile_s']:.1f} |"
+          if pf is not None else "")
+  out = {
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                  "backend": jax.default_backend(),
+                  "jax": jax.__version__,
+                  "matmul_peak_gflops": peak / 1e9},
+      "settings": {"local_steps": LOCAL_STEPS, "batch_size": BATCH,
+                   "samples_per_client": N_PER_CLIENT},
+      "rows": rows,
+  }
+  io.atomic_write_json(args.out, out)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,267 @@
+"""One federated experiment from a config: data, model, round loop, results.
+
+:class:`ExperimentConfig` is what the ``experiments.run`` binary builds from
+its flags; a user can build the same dataclass in Python and call
+:func:`run_experiment`. :meth:`ExperimentConfig.validate` checks everything it
+can (names, ranges, that the dataset exists) before anything is compiled.
+
+Outputs in ``output_dir`` (all written atomically):
+
+* ``config.json``: the configuration;
+* ``rounds.jsonl``: one JSON record per round (round, loss, seconds, and test
+  loss/accuracy on evaluation rounds);
+* ``summary.json``: final metrics and timings;
+* ``checkpoint.npz``: the server state after the last finished round. A
+  killed run started again with the same configuration and output directory
+  resumes from it without losing finished rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sparse import aggregators as aggregators_lib
+from fedjax_sparse import data as data_lib
+from fedjax_sparse import models as models_lib
+from fedjax_sparse.client.local import ClientConfig
+from fedjax_sparse.layout import layout_of
+from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
+                                            init_server_state, make_evaluate,
+                                            make_round_step)
+
+PARTITIONS = ("iid", "dirichlet", "shards", "one_class")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole experiment. Field names match the command-line flags."""
+
+  dataset: str = "fashion_mnist"
+  data_dir: Optional[str] = None
+  max_train: int = 0
+  val_size: int = 0
+  partition: str = "dirichlet"
+  alpha: float = 1.0
+  shards_per_client: int = 2
+  min_samples: int = 10
+  num_clients: int = 20
+  clients_per_round: int = 20
+  rounds: int = 20
+  local_epochs: int = 1
+  local_steps: int = 0
+  batch_size: int = 32
+  optimizer: str = "sgd"
+  lr: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  update_mode: str = "delta"
+  prox_mu: float = 0.0
+  server_lr: float = 1.0
+  server_optimizer: str = "sgd"
+  aggregator: str = "fedavg"
+  weighted: bool = True
+  num_byzantine: int = 0
+  model: str = "mlp"
+  conv_impl: str = "auto"
+  norm: str = "group"
+  engine: str = "vmap"
+  map_batch_size: int = 10
+  seed: int = 0
+  eval_every: int = 1
+  eval_batch_size: int = 1000
+  output_dir: str = ""
+
+  def client_config(self) -> ClientConfig:
+    return ClientConfig(optimizer=self.optimizer, lr=self.lr,
+                        momentum=self.momentum, weight_decay=self.weight_decay,
+                        local_epochs=self.local_epochs,
+                        local_steps=self.local_steps,
+                        batch_size=self.batch_size,
+                        update_mode=self.update_mode, prox_mu=self.prox_mu)
+
+  def round_config(self) -> RoundConfig:
+    return RoundConfig(num_clients=self.num_clients,
+                       clients_per_round=self.clients_per_round,
+                       client=self.client_config(), engine=self.engine,
+                       map_batch_size=self.map_batch_size,
+                       server_lr=self.server_lr,
+                       server_optimizer=self.server_optimizer,
+                       weighted=self.weighted,
+                       num_byzantine=self.num_byzantine)
+
+  def validate(self, check_data: bool = True) -> None:
+    """Raises ValueError (or DatasetNotFoundError) saying what to change."""
+    self.round_config().validate()
+    if self.partition not in PARTITIONS:
+      raise ValueError(f"unknown partition {self.partition!r}; choose one of "
+                       f"{', '.join(PARTITIONS)}")
+    if self.partition == "dirichlet" and not self.alpha > 0:
+      raise ValueError(f"--alpha must be > 0 for the dirichlet partition, got "
+                       f"{self.alpha}")
+    if self.rounds < 1:
+      raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
+    if self.eval_every < 1:
+      raise ValueError(f"--eval_every must be >= 1, got {self.eval_every}")
+    if self.aggregator not in aggregators_lib.names():
+      raise ValueError(f"unknown aggregator {self.aggregator!r}; known "
+                       f"aggregators: {', '.join(aggregators_lib.names())}")
+    if self.model not in models_lib.names():
+      raise ValueError(f"unknown model {self.model!r}; known models: "
+                       f"{', '.join(models_lib.names())}")
+    if self.conv_impl not in ("auto", "im2col", "lax"):
+      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose auto, "
+                       "im2col or lax")
+    if not 0 <= self.num_byzantine < self.clients_per_round:
+      raise ValueError(f"num_byzantine must be in [0, clients_per_round), got "
+                       f"{self.num_byzantine}")
+    if self.max_train < 0 or self.val_size < 0:
+      raise ValueError("max_train and val_size must be >= 0")
+    if check_data:
+      data_lib.check_available(self.dataset, self.data_dir)
+
+
+def build_data(cfg: ExperimentConfig):
+  return data_lib.build(cfg.dataset, cfg.num_clients, cfg.partition,
+                        alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
+                        min_samples=cfg.min_samples, val_size=cfg.val_size,
+                        data_dir=cfg.data_dir, seed=cfg.seed,
+                        max_train=cfg.max_train or None)
+
+
+class Experiment:
+  """Data, model, compiled round step and evaluation of one configuration."""
+
+  def __init__(self, cfg: ExperimentConfig, fd=None):
+    cfg.validate(check_data=fd is None)
+    self.cfg = cfg
+    self.fd = fd if fd is not None else build_data(cfg)
+    if self.fd.clients.idx.shape[0] != cfg.num_clients:
+      raise ValueError("the federated data has a different number of clients "
+                       "than the configuration")
+    self.model = models_lib.get_model(cfg.model, self.fd.num_classes,
+                                      conv_impl=cfg.conv_impl, norm=cfg.norm)
+    key = jax.random.key(cfg.seed)
+    k_init, self.k_state = jax.random.split(key)
+    self.variables = self.model.init(k_init, jnp.asarray(self.fd.x_train[:1]),
+                                     train=False)
+    self.has_model_state = len(self.variables) > 1
+    self.layout = layout_of(self.variables["params"])
+    self.aggregator = aggregators_lib.get(cfg.aggregator)()
+    self.round_config = cfg.round_config()
+    self.round_step = make_round_step(
+        self.round_config, self.model.apply, self.aggregator, self.layout,
+        n_max=self.fd.clients.idx.shape[1],
+        has_model_state=self.has_model_state)
+    self.evaluate = make_evaluate(self.model.apply, cfg.eval_batch_size)
+    self.data = RoundData(jnp.asarray(self.fd.x_train),
+                          jnp.asarray(self.fd.y_train),
+                          jnp.asarray(self.fd.clients.idx),
+                          jnp.asarray(self.fd.clients.counts))
+    self.x_test = jnp.asarray(self.fd.x_test)
+    self.y_test = jnp.asarray(self.fd.y_test)
+
+  def init_state(self):
+    return init_server_state(self.round_config, self.variables,
+                             self.aggregator, self.k_state)
+
+  def eval_state(self, state) -> dict:
+    out = self.evaluate(state.params, state.model_state, self.x_test,
+                        self.y_test)
+    return {k: float(v) for k, v in out.items()}
+
+
+def _config_dict(cfg: ExperimentConfig) -> dict:
+  d = dataclasses.asdict(cfg)
+  d.pop("output_dir")
+  return d
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True,
+                   fd=None) -> dict:
+  """Runs (or resumes) an experiment and returns its summary dict."""
+  exp = Experiment(cfg, fd)
+  out_dir = cfg.output_dir
+  records: list[dict] = []
+  state = exp.init_state()
+  ckpt = os.path.join(out_dir, "checkpoint.npz") if out_dir else ""
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    cfg_path = os.path.join(out_dir, "config.json")
+    rounds_path = os.path.join(out_dir, "rounds.jsonl")
+    if os.path.exists(ckpt) and os.path.exists(cfg_path):
+      with open(cfg_path) as f:
+        old = json.load(f)
+      old.pop("rounds", None)
+      new = _config_dict(cfg)
+      new.pop("rounds")
+      if old != new:
+        raise ValueError(f"{out_dir} holds a run of another configuration; "
+                         "choose a new --output_dir or delete it")
+      state = io.load_checkpoint(ckpt, state)
+      done = int(state.round)
+      records = [r for r in io.read_jsonl(rounds_path) if r["round"] <= done]
+    io.atomic_write_json(cfg_path, _config_dict(cfg))
+
+  start = int(state.round)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.rounds, initial=start, desc="rounds", unit="round",
+               dynamic_ncols=True)
+  t0 = time.perf_counter()
+  step = exp.round_step.lower(state, exp.data).compile()
+  compile_s = time.perf_counter() - t0
+  last_eval = next((r for r in reversed(records) if "accuracy" in r), None)
+  t_run = time.perf_counter()
+  for r in range(start, cfg.rounds):
+    t0 = time.perf_counter()
+    state, metrics = step(state, exp.data)
+    loss = float(metrics["loss"])
+    seconds = time.perf_counter() - t0
+    rec = {"round": r + 1, "loss": loss, "seconds": seconds,
+           "update_norm": float(metrics["update_norm"])}
+    if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+      ev = exp.eval_state(state)
+      rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
+                  "top5_accuracy": ev["top5_accuracy"]})
+      last_eval = rec
+    records.append(rec)
+    if out_dir:
+      io.write_jsonl(rounds_path, records)
+      io.save_checkpoint(ckpt, state)
+    if bar is not None:
+      post = {"loss": f"{loss:.3f}", "s/round": f"{seconds:.2f}"}
+      if last_eval is not None:
+        post["acc"] = f"{last_eval['accuracy']:.4f}"
+      bar.set_postfix(post)
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  steady = [x["seconds"] for x in records]
+  summary = {
+      "config": _config_dict(cfg),
+      "rounds": cfg.rounds,
+      "final_accuracy": last_eval["accuracy"] if last_eval else None,
+      "final_top5_accuracy": last_eval["top5_accuracy"] if last_eval else None,
+      "final_test_loss": last_eval["test_loss"] if last_eval else None,
+      "best_accuracy": max((x["accuracy"] for x in records if "accuracy" in x),
+                           default=None),
+      "compile_seconds": compile_s,
+      "median_round_seconds": float(np.median(steady)) if steady else None,
+      "wall_seconds": time.perf_counter() - t_run,
+      "num_params": exp.layout.d,
+      "backend": jax.default_backend(),
+  }
+  if out_dir:
+    io.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+  return summary

@@ -1,0 +1,220 @@
+"""Local training, the round step, engines and determinism."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sparse import aggregators
+from fedjax_sparse.client.local import ClientConfig, make_client_train
+from fedjax_sparse.layout import layout_of
+from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
+                                            init_server_state, make_evaluate,
+                                            make_round_step)
+
+
+class TinyMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4)(x)
+
+
+class TinyBN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(4)(nn.relu(x))
+
+
+def _data(num_clients=6, n=240, seed=0, ragged=True):
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(4, 12)).astype(np.float32) * 2
+  y = rng.integers(0, 4, n).astype(np.int32)
+  x = (means[y] + rng.normal(size=(n, 12))).astype(np.float32)
+  if ragged:
+    counts = rng.integers(10, n // num_clients + 1, num_clients)
+  else:
+    counts = np.full(num_clients, n // num_clients)
+  n_max = int(counts.max())
+  perm = rng.permutation(n)
+  idx = np.zeros((num_clients, n_max), np.int32)
+  start = 0
+  for c, k in enumerate(counts):
+    idx[c, :k] = perm[start:start + k]
+    start += k
+  return RoundData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx),
+                   jnp.asarray(counts.astype(np.int32)))
+
+
+def _setup(model=TinyMLP(), **kw):
+  data = _data()
+  variables = model.init(jax.random.key(0), data.x[:1])
+  base = dict(num_clients=6, clients_per_round=4,
+              client=ClientConfig(lr=0.1, batch_size=8, local_epochs=1))
+  base.update(kw)
+  cfg = RoundConfig(**base)
+  agg = aggregators.get("fedavg")()
+  step = make_round_step(cfg, model.apply, agg, layout_of(variables["params"]),
+                         data.idx.shape[1],
+                         has_model_state=len(variables) > 1)
+  state = init_server_state(cfg, variables, agg, jax.random.key(1))
+  return cfg, data, variables, step, state
+
+
+def _run(step, state, data, rounds):
+  losses = []
+  for _ in range(rounds):
+    state, m = step(state, data)
+    losses.append(float(m["loss"]))
+  return state, losses
+
+
+def test_local_training_lowers_loss():
+  data = _data(ragged=False)
+  model = TinyMLP()
+  variables = model.init(jax.random.key(0), data.x[:1])
+  cfg = ClientConfig(lr=0.1, batch_size=8, local_epochs=5)
+  train = jax.jit(make_client_train(model.apply, cfg, data.idx.shape[1]))
+  evaluate = make_evaluate(model.apply, batch_size=16)
+  rows = data.idx[0][:data.counts[0]]
+  before = evaluate(variables["params"], {}, data.x[rows], data.y[rows])["loss"]
+  out = train(variables["params"], {}, (), data.x, data.y, data.idx[0],
+              data.counts[0], jax.random.key(3))
+  flat, unravel = jax.flatten_util.ravel_pytree(variables["params"])
+  after = evaluate(unravel(flat - out.update), {}, data.x[rows],
+                   data.y[rows])["loss"]
+  assert float(after) < 0.5 * float(before)
+
+
+def test_epoch_mode_visits_every_sample_once_per_epoch():
+  # With lr=0 and a loss that is linear in the data, the number of examples
+  # each step sees is recorded by the masked batch positions; check directly.
+  from fedjax_sparse.client.local import _batch_positions
+  cfg = ClientConfig(batch_size=4, local_epochs=2)
+  pos, valid = _batch_positions(cfg, 10, jnp.int32(7), jax.random.key(0))
+  assert pos.shape == (6, 4)
+  for e in range(2):
+    p = np.asarray(pos[3 * e:3 * e + 3]).ravel()
+    v = np.asarray(valid[3 * e:3 * e + 3]).ravel()
+    assert sorted(p[v].tolist()) == list(range(7))
+
+
+@pytest.mark.parametrize("engine,chunk", [("map", 3), ("sequential", 1)])
+def test_engines_agree_with_vmap(engine, chunk):
+  _, data, _, step_v, state_v = _setup(engine="vmap")
+  _, _, _, step_e, state_e = _setup(engine=engine, map_batch_size=chunk)
+  state_v, lv = _run(step_v, state_v, data, 3)
+  state_e, le = _run(step_e, state_e, data, 3)
+  np.testing.assert_allclose(lv, le, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(state_v.params),
+                  jax.tree.leaves(state_e.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_bitwise_identical():
+  _, data, _, step, s1 = _setup()
+  _, _, _, _, s2 = _setup()
+  s1, l1 = _run(step, s1, data, 3)
+  s2, l2 = _run(step, s2, data, 3)
+  assert l1 == l2
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_round_step_matches_manual_fedavg():
+  cfg, data, variables, step, state = _setup(server_lr=0.5)
+  key = jax.random.key(1)  # the state's key (the step donates state)
+  new_state, m = step(state, data)
+  clients = np.asarray(m["clients"])
+  assert len(set(clients.tolist())) == 4
+  # Recompute the round by hand from the same keys.
+  _, _, k_train, _ = jax.random.split(key, 4)
+  keys = jax.random.split(k_train, 4)
+  train = make_client_train(TinyMLP().apply, cfg.client, data.idx.shape[1])
+  ups, ws = [], []
+  for i, c in enumerate(clients):
+    out = train(variables["params"], {}, (), data.x, data.y, data.idx[c],
+                data.counts[c], keys[i])
+    ups.append(np.asarray(out.update))
+    ws.append(float(data.counts[c]))
+  ws = np.array(ws)
+  mean = (ws[:, None] * np.stack(ups)).sum(0) / ws.sum()
+  flat0 = np.asarray(jax.flatten_util.ravel_pytree(variables["params"])[0])
+  flat1 = np.asarray(jax.flatten_util.ravel_pytree(new_state.params)[0])
+  np.testing.assert_allclose(flat1, flat0 - 0.5 * mean, rtol=1e-5, atol=1e-6)
+
+
+def test_federated_training_improves_accuracy():
+  _, data, _, step, state = _setup(clients_per_round=6)
+  evaluate = make_evaluate(TinyMLP().apply, batch_size=64)
+  acc0 = float(evaluate(state.params, {}, data.x, data.y)["accuracy"])
+  state, _ = _run(step, state, data, 5)
+  acc = float(evaluate(state.params, {}, data.x, data.y)["accuracy"])
+  assert acc > max(0.8, acc0 + 0.2)
+
+
+def test_momentum_mode_persists_client_buffers():
+  cfg, data, variables, step, state = _setup(
+      clients_per_round=6,
+      client=ClientConfig(lr=0.1, batch_size=8, local_steps=1,
+                          update_mode="momentum", momentum=0.9))
+  g_state, m = step(state, data)
+  # After one round with one local step, each buffer is (1 - beta) * g.
+  buf = jax.flatten_util.ravel_pytree(
+      jax.tree.map(lambda a: a[0], g_state.client_state))[0]
+  assert float(jnp.linalg.norm(buf)) > 0
+  # The server applied lr * mean of the buffers (weighted by counts).
+  flat0 = jax.flatten_util.ravel_pytree(variables["params"])[0]
+  flat1 = jax.flatten_util.ravel_pytree(g_state.params)[0]
+  bufs = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(
+      g_state.client_state)
+  w = data.counts.astype(jnp.float32)
+  expect = flat0 - (w @ bufs) / w.sum()
+  np.testing.assert_allclose(flat1, expect, rtol=1e-5, atol=1e-6)
+  # Second round: the stored buffers decay by beta plus new gradients.
+  g2, _ = step(g_state, data)
+  bufs2 = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(
+      g2.client_state)
+  assert not np.allclose(bufs, bufs2)
+
+
+def test_batchnorm_statistics_are_averaged():
+  _, data, variables, step, state = _setup(model=TinyBN())
+  assert "batch_stats" in state.model_state
+  before = [np.asarray(a) for a in jax.tree.leaves(state.model_state)]
+  state, _ = step(state, data)
+  after = jax.tree.leaves(state.model_state)
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in after)
+
+
+def test_fedprox_with_zero_mu_equals_fedavg():
+  _, data, _, s1, st1 = _setup()
+  _, _, _, s2, st2 = _setup(client=ClientConfig(lr=0.1, batch_size=8,
+                                                local_epochs=1, prox_mu=0.0))
+  st1, l1 = _run(s1, st1, data, 2)
+  st2, l2 = _run(s2, st2, data, 2)
+  assert l1 == l2
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(clients_per_round=7), "clients_per_round"),
+    (dict(engine="pmap"), "unknown engine"),
+    (dict(server_lr=0.0), "server_lr"),
+    (dict(client=ClientConfig(optimizer="lamb")), "unknown client optimizer"),
+    (dict(client=ClientConfig(batch_size=0)), "batch_size"),
+    (dict(client=ClientConfig(update_mode="grad")), "update_mode"),
+])
+def test_bad_round_config(kw, msg):
+  cfg = RoundConfig(num_clients=6, clients_per_round=4)
+  with pytest.raises(ValueError, match=msg):
+    dataclasses.replace(cfg, **kw).validate()
