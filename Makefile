@@ -13,7 +13,7 @@ FMNIST_FILE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,tfds]'
 	@touch $(STAMP)
 
 # FashionMNIST comes from Debian's dataset-fashion-mnist package (offline IDX files).

@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from fedjax_sparse.simulation.experiment import ExperimentConfig
 
@@ -31,6 +32,7 @@ DEMO = ExperimentConfig(
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)
   del argv
   cfg = dataclasses.replace(
       DEMO, data_dir=FLAGS.data_dir,

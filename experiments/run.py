@@ -19,6 +19,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from fedjax_sparse.simulation.experiment import ExperimentConfig
 
@@ -90,6 +91,7 @@ def config_from_flags() -> ExperimentConfig:
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = config_from_flags()
