@@ -1,0 +1,95 @@
+"""FLGuardian (Zhou et al., 2025), as ALGORITHMS.md section 4 interprets it (ours).
+
+Per layer ``l``: every client gets the feature vector ``[cos(u_i^l, u_j^l)]_j
+++ [||u_i^l - u_j^l|| / max distance]_j`` (cosine and normalised Euclidean
+distance to every client, 2K features); 2-means (deterministic maximin seeding, so
+that the split does not depend on the order of the clients; fixed Lloyd
+iterations) splits the clients in two, and the
+larger cluster is benign in that layer (a tie goes to the cluster of the
+lowest client index). ``trust_i`` is the fraction of layers in which ``i`` is
+benign; the clients with ``trust_i >= median(trust)`` are combined with
+FedAvg / FLARE Alg. 2.
+
+Layers are the leaves of ``ctx.layout`` (the whole vector without one).
+Distances come from Gram matrices after centring on the coordinate-wise
+median; cosines from the Gram matrix of the unit rows. Rows with inf/nan get
+cosine 0 and distance 1 (the maximum) to everyone, and are never accepted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sparse.aggregators import _common, _order_stats
+from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.cluster.kmeans import kmeans
+
+Array = jax.Array
+
+
+def _layer_features(raw: Array, centred: Array, ok: Array) -> Array:
+  """``f32[K, 2K]`` cosine and normalised distance features of one layer.
+
+  Both features are scale invariant, so the rows are rescaled first (unit
+  rows for the cosine, the layer's largest magnitude for the distances) and
+  no Gram entry can overflow, whatever the magnitudes sent.
+  """
+  k = raw.shape[0]
+  norm = _common.safe_norm(raw)
+  units = _common.divide(raw, norm[:, None])
+  cos = jnp.clip(_common.gram(units, units), -1.0, 1.0)
+  c = jnp.where(ok[:, None], centred, 0.0)
+  c = _common.divide(c, jnp.max(jnp.abs(c)))
+  gc = _common.gram(c, c)
+  sq = jnp.diag(gc)
+  dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gc, 0.0))
+  pair_ok = ok[:, None] & ok[None, :]
+  top = jnp.max(jnp.where(pair_ok, dist, 0.0))
+  dist = jnp.where(pair_ok, _common.divide(dist, top), 1.0)
+  eye = jnp.eye(k, dtype=bool)
+  dist = jnp.where(eye, 0.0, dist)
+  cos = jnp.where(pair_ok, cos, jnp.where(eye, 1.0, 0.0))
+  return jnp.concatenate([cos, dist], axis=1)
+
+
+@register("flguardian")
+def flguardian(num_iters: int = 20) -> Aggregator:
+  """Layer-wise 2-means on cosine/distance features; trust by majority layers.
+
+  Args:
+    num_iters: Lloyd iterations of each layer's 2-means.
+
+  Returns:
+    An :class:`Aggregator`. Diagnostics: ``trust f32[K]``.
+  """
+
+  def init(d):
+    del d
+    return ()
+
+  def apply(state, updates, masks, weights, key, ctx):
+    k, d = updates.shape
+    ok = _common.finite_rows(updates)
+    x = _common.zero_rows(updates, ok)
+    centred = x - _order_stats.coordinate_median(x)[None, :]
+    slices = ctx.layout.slices() if ctx.layout is not None else [slice(0, d)]
+    features = jnp.stack([_layer_features(x[:, sl], centred[:, sl], ok)
+                          for sl in slices])
+    del key  # maximin seeding needs none
+    labels, _ = jax.vmap(
+        lambda f: kmeans(f, 2, jax.random.PRNGKey(0), num_iters=num_iters,
+                         init="maximin"))(features)
+    size1 = jnp.sum(labels == 1, axis=1)
+    # Larger cluster; on a tie, the cluster of client 0.
+    benign_label = jnp.where(2 * size1 > k, 1, jnp.where(2 * size1 < k, 0, labels[:, 0]))
+    benign = labels == benign_label[:, None]
+    trust = jnp.where(ok, jnp.mean(benign.astype(jnp.float32), axis=0), 0.0)
+    median_trust = jnp.nanmedian(jnp.where(ok, trust, jnp.nan))
+    acceptance = (ok & (trust >= median_trust)).astype(jnp.float32)
+    update = _common.combine_accepted(updates, masks, weights, acceptance,
+                                      ctx.pack_size)
+    return AggOut(update, acceptance, {"trust": trust}), state
+
+  return Aggregator(init, apply)

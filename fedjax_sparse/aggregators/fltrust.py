@@ -1,0 +1,59 @@
+"""FLTrust (Cao et al., NDSS 2021; ALGORITHMS.md section 4).
+
+The server trains on a small clean root set (default 100 samples) to get its
+own update ``g0``; the round step passes it as ``ctx.extra["server_update"]``
+(``f32[d]``, a descent direction like the clients' updates). Then
+``trust_i = ReLU(cos(u_i, g0))``, every update is rescaled to ``||g0||``, and
+the result is ``sum_i trust_i ||g0|| u_i / ||u_i|| / sum_i trust_i`` (0 when
+every trust is 0). The paper's average is over the dense vectors and ignores
+dataset sizes; so does this one (weights unused, the dense view under sparse
+uploads).
+
+Rows with inf/nan get trust 0. Norms are scaled
+(:func:`._common.safe_norm`). Acceptance is ``trust_i``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from fedjax_sparse.aggregators import _common
+from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.registry import register
+
+
+@register("fltrust")
+def fltrust() -> Aggregator:
+  """Trust-weighted average of updates rescaled to the server update's norm.
+
+  Returns:
+    An :class:`Aggregator` that reads ``ctx.extra["server_update"]``.
+    Diagnostics: ``cos f32[K]``.
+  """
+
+  def init(d):
+    del d
+    return ()
+
+  def apply(state, updates, masks, weights, key, ctx):
+    del masks, weights, key
+    if "server_update" not in ctx.extra:
+      raise ValueError(
+          "fltrust needs the server's update on its root set in "
+          "ctx.extra['server_update'] (f32[d]); compute it in the round step")
+    g0 = ctx.extra["server_update"].astype(updates.dtype)
+    ok = _common.finite_rows(updates)
+    x = _common.zero_rows(updates, ok)
+    norm0 = _common.safe_norm(g0)
+    norms = _common.safe_norm(x)
+    # cos via unit vectors, so that huge rows cannot overflow the dot product.
+    unit0 = _common.divide(g0, norm0)
+    units = _common.divide(x, norms[:, None])
+    cos = jnp.clip(units @ unit0, -1.0, 1.0)
+    trust = jnp.where(ok & (norms > 0) & (norm0 > 0), jnp.maximum(cos, 0.0), 0.0)
+    total = jnp.sum(trust)
+    update = jnp.where(total > 0, norm0 * (trust @ units) / jnp.where(total > 0, total, 1.0),
+                       0.0)
+    return AggOut(update, trust, {"cos": cos}), state
+
+  return Aggregator(init, apply)

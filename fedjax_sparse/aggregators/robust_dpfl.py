@@ -1,0 +1,61 @@
+"""Robust-DPFL filter (FLARE's description, flare.txt V-B; ALGORITHMS.md section 4).
+
+Each client's detection score is the mean of its model parameters; a 2-means
+split of the scores (exact in 1-D, :func:`fedjax_sparse.cluster.two_means_1d`)
+keeps the cluster with the higher mean score, combined with FedAvg / FLARE
+Alg. 2.
+
+With ``score="params"`` (the paper) the local model is ``global - u_i``, so
+the score is ``mean(global) - mean(u_i)``. The shift ``mean(global)`` is the
+same for every client and changes neither the split nor which cluster is
+higher, so it is added only when ``ctx.global_params`` is given (for the
+diagnostics). ``score="update"`` (ours) scores ``mean(u_i)`` instead, which
+keeps the clients with the larger mean *update* - the opposite side.
+Under sparse uploads the mean is over the zero-filled vector. Clients with a
+non-finite score are rejected.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from fedjax_sparse.aggregators import _common
+from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.cluster.kmeans import two_means_1d
+
+
+@register("robust_dpfl")
+def robust_dpfl(score: str = "params") -> Aggregator:
+  """2-means on mean-parameter scores; keep the higher cluster.
+
+  Args:
+    score: ``"params"`` (mean of the local model, the paper) or ``"update"``
+      (mean of the update, ours).
+
+  Returns:
+    An :class:`Aggregator`. Diagnostics: ``scores f32[K]``, ``centres f32[2]``.
+  """
+  if score not in ("params", "update"):
+    raise ValueError(f"robust_dpfl: score must be 'params' or 'update', got {score!r}")
+
+  def init(d):
+    del d
+    return ()
+
+  def apply(state, updates, masks, weights, key, ctx):
+    del key
+    mean_u = jnp.mean(updates, axis=1)
+    if score == "params":
+      scores = -mean_u
+      if ctx.global_params is not None:
+        scores = scores + jnp.mean(ctx.global_params)
+    else:
+      scores = mean_u
+    labels, centres = two_means_1d(scores)
+    acceptance = (labels == 1).astype(jnp.float32)
+    update = _common.combine_accepted(updates, masks, weights, acceptance,
+                                      ctx.pack_size)
+    return AggOut(update, acceptance, {"scores": scores, "centres": centres}), state
+
+  return Aggregator(init, apply)

@@ -1,0 +1,624 @@
+"""Robust aggregators: numpy references from the formulas, and properties.
+
+Shapes are fixed (K = 10 clients, d = 24, packs of 3) so that every rule
+compiles once per variant; compiled functions are cached at module level.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.cluster import DBSCAN
+
+import fedjax_sparse.aggregators as agg_lib
+from fedjax_sparse.aggregators import _order_stats
+from fedjax_sparse.aggregators.base import AggContext
+
+K, D, P, F = 10, 24, 3, 2
+N_PACKS = D // P
+KEY = jax.random.PRNGKey(0)
+
+
+def _ctx(f=F, pack_size=P, global_params=None, k=K):
+  return AggContext(round=jnp.int32(0), global_params=global_params,
+                    pack_size=pack_size, num_byzantine=f, num_clients=k)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name, pre=(), **hparams):
+  """(init, jitted apply) of a registered rule, optionally wrapped."""
+  agg = agg_lib.get(name)(**hparams)
+  for pre_name, pre_hparams in pre:
+    agg = agg_lib.get_pre(pre_name)(agg, **dict(pre_hparams))
+  return agg.init, jax.jit(agg.apply)
+
+
+def run(name, updates, masks=None, weights=None, ctx=None, state=None, pre=(),
+        key=KEY, **hparams):
+  init, apply = _jitted(name, pre, **hparams)
+  updates = jnp.asarray(updates, jnp.float32)
+  k, d = updates.shape
+  weights = jnp.ones((k,)) if weights is None else jnp.asarray(weights, jnp.float32)
+  masks = None if masks is None else jnp.asarray(masks, bool)
+  state = init(d) if state is None else state
+  out, state = apply(state, updates, masks, weights, key, ctx or _ctx(k=k))
+  return (np.asarray(out.update), np.asarray(out.acceptance),
+          jax.tree.map(np.asarray, out.diagnostics), state)
+
+
+def _data(seed, k=K, d=D, sparse=False, r=0.5):
+  rs = np.random.RandomState(seed)
+  u = rs.randn(k, d).astype(np.float32)
+  w = rs.uniform(0.5, 2.0, k).astype(np.float32)
+  if not sparse:
+    return u, None, w
+  n_packs = -(-d // P)
+  masks = np.zeros((k, n_packs), bool)
+  for i in range(k):
+    masks[i, rs.choice(n_packs, int(math.ceil(r * n_packs)), replace=False)] = True
+  return u * _coord(masks, d), masks, w
+
+
+def _coord(masks, d=D, pack_size=P):
+  return np.repeat(masks, pack_size, axis=1)[:, :d]
+
+
+# ---------------------------------------------------------------- references
+
+
+def np_combine(u, masks, w, a, pack_size=P):
+  u = np.asarray(u, np.float64)
+  w = np.asarray(w, np.float64) * a
+  if masks is None:
+    return (w @ u) / w.sum() if w.sum() > 0 else np.zeros(u.shape[1])
+  cm = _coord(masks, u.shape[1], pack_size)
+  num = (w[:, None] * u * cm).sum(0)
+  den = (w[:, None] * cm).sum(0)
+  return np.where(den > 0, num / np.where(den > 0, den, 1), 0)
+
+
+def np_median(u, contrib=None):
+  if contrib is None:
+    return np.median(u, axis=0)
+  return np.array([np.median(u[contrib[:, j], j]) if contrib[:, j].any() else 0.0
+                   for j in range(u.shape[1])])
+
+
+def np_trimmed(u, b=None, contrib=None, beta=None):
+  if contrib is None:
+    s = np.sort(u, axis=0)
+    return s[b:len(u) - b].mean(0)
+  out = []
+  for j in range(u.shape[1]):
+    v = np.sort(u[contrib[:, j], j])
+    c = len(v)
+    bj = math.floor(beta * c) if beta is not None else b
+    bj = min(bj, max(c - 1, 0) // 2)
+    out.append(v[bj:c - bj].mean() if c else 0.0)
+  return np.array(out)
+
+
+def np_krum_scores(u, f):
+  u = np.asarray(u, np.float64)
+  d2 = ((u[:, None] - u[None]) ** 2).sum(-1)
+  k = len(u)
+  return np.array([np.sort(np.delete(d2[i], i))[:k - f - 2].sum() for i in range(k)])
+
+
+def np_rfa(u, w, nu=0.1, iters=3):
+  u = np.asarray(u, np.float64)
+  alpha = w / w.sum()
+  v = alpha @ u
+  for _ in range(iters):
+    beta = alpha / np.maximum(nu, np.linalg.norm(v - u, axis=1))
+    v = beta @ u / beta.sum()
+  return v
+
+
+def np_cc(u, v, tau, iters):
+  for _ in range(iters):
+    z = u - v
+    n = np.linalg.norm(z, axis=1)
+    v = v + (np.minimum(1, tau / np.maximum(n, 1e-30))[:, None] * z).mean(0)
+  return v
+
+
+def np_sign_cos(s):
+  n = np.linalg.norm(s, axis=1)
+  g = s @ s.T
+  den = n[:, None] * n[None]
+  return np.where(den > 0, g / np.where(den > 0, den, 1), 0)
+
+
+def np_two_means_high(x):
+  s = np.sort(x)
+  best, thr = np.inf, None
+  for t in range(1, len(s)):
+    if s[t - 1] == s[t]:
+      continue
+    sse = ((s[:t] - s[:t].mean()) ** 2).sum() + ((s[t:] - s[t:].mean()) ** 2).sum()
+    if sse < best:
+      best, thr = sse, s[t]
+  return np.ones(len(x), bool) if thr is None else x >= thr
+
+
+def np_safesparse(u, masks, beta=0.6, gamma=0.2, guard=False, pack_size=P):
+  k, d = u.shape
+  m_packs = np.ones((k, 1), bool) if masks is None else masks
+  jac = np.zeros((k, k))
+  for i in range(k):
+    for j in range(k):
+      union = (m_packs[i] | m_packs[j]).sum()
+      jac[i, j] = (m_packs[i] & m_packs[j]).sum() / union if union else 0.0
+  score = (jac.sum(1) - np.diag(jac)) / (k - 1)
+  kept = score >= (score.max() + score.min()) / 2 * beta
+  cm = np.ones((k, d), bool) if masks is None else _coord(masks, d, pack_size)
+  s = np.sign(u) * cm
+  cos = np.zeros((k, k))
+  for i in range(k):
+    for j in range(k):
+      ov = cm[i] & cm[j]
+      den = np.linalg.norm(s[i][ov]) * np.linalg.norm(s[j][ov])
+      cos[i, j] = (s[i][ov] @ s[j][ov]) / den if den > 0 else 0.0
+  dist = np.clip(1 - cos, 0.0, 2.0)
+  idx = np.flatnonzero(kept)
+  m = len(idx)
+  clustered = np.zeros(k, bool)
+  if m >= 2:
+    n = max(1, round(m * gamma))
+    sub = dist[np.ix_(idx, idx)]
+    kth = [np.sort(np.delete(sub[i], i))[min(n, m - 1) - 1] for i in range(m)]
+    eps = float(np.mean(kth))
+    labels = DBSCAN(eps=eps, min_samples=n, metric="precomputed").fit(sub).labels_
+    inc = labels >= 0
+    if guard and 2 * inc.sum() > m:
+      largest = np.bincount(labels[inc]).argmax()
+      inc = inc & (labels != largest)
+    clustered[idx] = inc
+  return kept & ~clustered
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_names_and_errors():
+  for name in ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "rfa",
+               "centered_clipping", "signsgd", "fedsign", "robust_dpfl",
+               "safesparse"]:
+    assert name in agg_lib.names()
+  assert agg_lib.pre_names() == ["bucketing", "nnm"]
+  with pytest.raises(ValueError, match="known pre-aggregators: bucketing, nnm"):
+    agg_lib.get_pre("nope")
+  u, _, _ = _data(0)
+  with pytest.raises(ValueError, match="K - f - 2"):
+    run("krum", u, ctx=_ctx(f=8))
+  with pytest.raises(ValueError, match="2b < K"):
+    run("trimmed_mean", u, ctx=_ctx(f=5))
+  with pytest.raises(ValueError, match="beta"):
+    agg_lib.get("trimmed_mean")(beta=0.5)
+
+
+# ---------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_median_reference(sparse):
+  u, masks, w = _data(1, sparse=sparse)
+  np.testing.assert_allclose(run("median", u, masks, w)[0], np.median(u, 0), atol=1e-6)
+  u9 = u[:9]  # odd K
+  np.testing.assert_allclose(run("median", u9)[0], np.median(u9, 0), atol=1e-6)
+  if sparse:
+    got = run("median", u, masks, w, mask_aware=True)[0]
+    np.testing.assert_allclose(got, np_median(u, _coord(masks)), atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_trimmed_mean_reference(sparse):
+  u, masks, w = _data(2, sparse=sparse)
+  got, acc, diag, _ = run("trimmed_mean", u, masks, w)
+  np.testing.assert_allclose(got, np_trimmed(u, F), atol=1e-6)
+  assert diag["b"] == F and np.all(acc == 1)
+  got = run("trimmed_mean", u, masks, w, beta=0.1)[0]
+  np.testing.assert_allclose(got, np_trimmed(u, 1), atol=1e-6)
+  if sparse:
+    cm = _coord(masks)
+    got = run("trimmed_mean", u, masks, w, mask_aware=True)[0]
+    np.testing.assert_allclose(got, np_trimmed(u, F, cm), atol=1e-6)
+    got = run("trimmed_mean", u, masks, w, mask_aware=True, beta=0.25)[0]
+    np.testing.assert_allclose(got, np_trimmed(u, None, cm, beta=0.25), atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_krum_and_multi_krum_reference(sparse):
+  u, masks, w = _data(3, sparse=sparse)
+  scores = np_krum_scores(u, F)
+  got, acc, diag, _ = run("krum", u, masks, w)
+  np.testing.assert_allclose(diag["scores"], scores, rtol=1e-4)
+  best = np.argmin(scores)
+  np.testing.assert_array_equal(acc, np.eye(K)[best])
+  np.testing.assert_allclose(got, np_combine(u, masks, w, np.eye(K)[best]), atol=1e-6)
+  for m in (None, 3):
+    got, acc, _, _ = run("multi_krum", u, masks, w, m=m)
+    sel = np.zeros(K)
+    sel[np.argsort(scores)[:K - F if m is None else m]] = 1
+    np.testing.assert_array_equal(acc, sel)
+    np.testing.assert_allclose(got, np_combine(u, masks, w, sel), atol=1e-5)
+
+
+def test_krum_distances_survive_a_large_common_offset():
+  # ||a||^2 + ||b||^2 - 2ab loses everything in f32 at offset 1e4 unless the
+  # rows are centred first.
+  u, _, _ = _data(4)
+  shifted = u + 1e4
+  _, _, diag, _ = run("krum", shifted)
+  np.testing.assert_allclose(diag["scores"], np_krum_scores(u, F), rtol=2e-3)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bulyan_reference(sparse):
+  u, masks, w = _data(5, sparse=sparse)
+  scores = np_krum_scores(u, F)
+  sel = np.argsort(scores)[:K - 2 * F]
+  b = min(F, (len(sel) - 1) // 2)
+  got, acc, _, _ = run("bulyan", u, masks, w)
+  np.testing.assert_array_equal(np.flatnonzero(acc), np.sort(sel))
+  np.testing.assert_allclose(got, np_trimmed(u[sel], b), atol=1e-6)
+  if sparse:
+    got = run("bulyan", u, masks, w, mask_aware=True)[0]
+    np.testing.assert_allclose(got, np_trimmed(u[sel], b, _coord(masks)[sel]), atol=1e-6)
+
+
+def test_rfa_reference():
+  u, _, w = _data(6)
+  u[:2] += 30.0
+  got, acc, _, _ = run("rfa", u, weights=w)
+  np.testing.assert_allclose(got, np_rfa(u, w), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(acc.sum(), 1.0, rtol=1e-5)
+  got = run("rfa", u, weights=w, num_iters=10)[0]
+  np.testing.assert_allclose(got, np_rfa(u, w, iters=10), rtol=1e-4, atol=1e-5)
+
+
+def test_centered_clipping_reference_and_state():
+  u, _, _ = _data(7)
+  init, _ = _jitted("centered_clipping", num_iters=2, tau=0.5)
+  state = init(D)
+  v = np.zeros(D)
+  for _ in range(3):  # the reference is the previous aggregate
+    got, _, _, state = run("centered_clipping", u, state=state, num_iters=2, tau=0.5)
+    v = np_cc(u, v, 0.5, 2)
+    np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state, got)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_signsgd_reference(sparse):
+  u, masks, w = _data(8, sparse=sparse)
+  got = run("signsgd", u, masks, w)[0]
+  np.testing.assert_array_equal(got, np.sign(np.sign(u).sum(0)))
+  got = run("signsgd", u, masks, w, scale=1e-3)[0]
+  np.testing.assert_allclose(got, 1e-3 * np.sign(np.sign(u).sum(0)))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fedsign_reference(sparse):
+  u, masks, w = _data(9, sparse=sparse)
+  u[:3] = np.abs(u[:3])  # a coordinated sign pattern, high density
+  cos = np_sign_cos(np.sign(u))
+  density = (cos.sum(1) - np.diag(cos)) / (K - 1)
+  honest = (density <= density.mean()).astype(float)
+  got, acc, diag, _ = run("fedsign", u, masks, w)
+  np.testing.assert_allclose(diag["density"], density, atol=1e-6)
+  np.testing.assert_array_equal(acc, honest)
+  assert not acc[:3].any()
+  np.testing.assert_allclose(got, np_combine(u, masks, w, honest), atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_robust_dpfl_reference(sparse):
+  u, masks, w = _data(10, sparse=sparse)
+  u[:3] += 2.0  # larger mean update = lower mean parameters
+  if sparse:
+    u = u * _coord(masks)
+  g = np.random.RandomState(0).randn(D).astype(np.float32)
+  keep = np_two_means_high(-u.mean(1))
+  got, acc, diag, _ = run("robust_dpfl", u, masks, w, ctx=_ctx(global_params=jnp.asarray(g)))
+  np.testing.assert_array_equal(acc, keep.astype(float))
+  np.testing.assert_allclose(diag["scores"], g.mean() - u.mean(1), atol=1e-5)
+  np.testing.assert_allclose(got, np_combine(u, masks, w, keep), atol=1e-6)
+  # Without global_params the shift drops out: same decision.
+  np.testing.assert_array_equal(run("robust_dpfl", u, masks, w)[1], acc)
+  keep_u = np_two_means_high(u.mean(1))
+  np.testing.assert_array_equal(run("robust_dpfl", u, masks, w, score="update")[1],
+                                keep_u.astype(float))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_safesparse_reference(seed):
+  sparse = seed % 3 != 0
+  u, masks, w = _data(100 + seed, sparse=sparse)
+  rs = np.random.RandomState(seed)
+  # A coordinated group: shared mask and sign pattern (plus noise).
+  if sparse:
+    masks[:3] = masks[0]
+    u = u * _coord(masks)
+  u[:3] = np.abs(u[:3]) * np.sign(u[0] + 1e-3) + 0.01 * rs.randn(3, D)
+  if sparse:
+    u = u * _coord(masks)
+  for guard in (False, True):
+    expect = np_safesparse(u, masks, guard=guard)
+    got, acc, _, _ = run("safesparse", u, masks, w, guard=guard)
+    np.testing.assert_array_equal(acc, expect.astype(float))
+    np.testing.assert_allclose(got, np_combine(u, masks, w, expect), atol=1e-6)
+
+
+def _mixed_reference(u, masks, w, groups):
+  """Group averages as _common.mix defines them (weighted, per pack)."""
+  rows = [np_combine(u, masks, w, np.isin(np.arange(len(u)), g).astype(float))
+          for g in groups]
+  mixed_masks = None if masks is None else np.stack([masks[g].any(0) for g in groups])
+  return np.stack(rows), mixed_masks
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bucketing_reference(sparse):
+  u, masks, w = _data(11, sparse=sparse)
+  s = 3
+  perm = np.asarray(jax.random.permutation(jax.random.split(KEY)[0], K))
+  groups = [perm[i:i + s] for i in range(0, K, s)]
+  mixed, _ = _mixed_reference(u, masks, w, groups)
+  got, acc, diag, _ = run("median", u, masks, w, pre=(("bucketing", (("s", s),)),))
+  np.testing.assert_allclose(got, np.median(mixed, 0), atol=1e-6)
+  for b, g in enumerate(groups):
+    assert np.all(diag["bucket"][g] == b)
+  # A selection base: acceptance flows back to the clients of a bucket.
+  got, acc, diag, _ = run("krum", u, masks, w, pre=(("bucketing", (("s", 2),)),),
+                          ctx=_ctx(f=1))
+  assert acc.sum() == 2
+  assert len(set(diag["bucket"][acc > 0].tolist())) == 1
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_nnm_reference(sparse):
+  u, masks, w = _data(12, sparse=sparse)
+  d2 = ((u[:, None].astype(np.float64) - u[None]) ** 2).sum(-1)
+  groups = [np.argsort(d2[i], kind="stable")[:K - F] for i in range(K)]
+  mixed, mixed_masks = _mixed_reference(u, masks, w, groups)
+  got = run("median", u, masks, w, pre=(("nnm", ()),))[0]
+  np.testing.assert_allclose(got, np.median(mixed, 0), atol=1e-5)
+  got, acc, _, _ = run("multi_krum", u, masks, w, pre=(("nnm", ()),))
+  sel = np.zeros(K)
+  sel[np.argsort(np_krum_scores(mixed, F))[:K - F]] = 1
+  np.testing.assert_array_equal(acc, sel)
+  np.testing.assert_allclose(got, np_combine(mixed, mixed_masks, w, sel), atol=1e-5)
+
+
+def test_compose_order():
+  u, _, w = _data(13)
+  a = agg_lib.compose(agg_lib.get("median")(), [("nnm", {}), ("bucketing", {"s": 2})])
+  b = agg_lib.get_pre("nnm")(agg_lib.get_pre("bucketing")(agg_lib.get("median")(), s=2))
+  out_a, _ = jax.jit(a.apply)((), jnp.asarray(u), None, jnp.asarray(w), KEY, _ctx())
+  out_b, _ = jax.jit(b.apply)((), jnp.asarray(u), None, jnp.asarray(w), KEY, _ctx())
+  np.testing.assert_allclose(out_a.update, out_b.update)
+
+
+# ---------------------------------------------------------------- properties
+
+# (name, hyperparameters, pre-aggregators) of every registered variant.
+ALL_RULES = [
+    ("median", {}, ()),
+    ("median", {"mask_aware": True}, ()),
+    ("trimmed_mean", {}, ()),
+    ("trimmed_mean", {"mask_aware": True}, ()),
+    ("krum", {}, ()),
+    ("multi_krum", {}, ()),
+    ("bulyan", {}, ()),
+    ("rfa", {}, ()),
+    ("centered_clipping", {}, ()),
+    ("signsgd", {}, ()),
+    ("fedsign", {}, ()),
+    ("robust_dpfl", {}, ()),
+    ("safesparse", {}, ()),
+    ("safesparse", {"guard": True}, ()),
+    ("median", {}, (("nnm", ()),)),
+]
+
+
+def _rule_id(rule):
+  name, hp, pre = rule
+  return "-".join([name] + [f"{k}={v}" for k, v in hp.items()] + [p for p, _ in pre])
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=_rule_id)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_permutation_invariance(rule, sparse):
+  name, hp, pre = rule
+  u, masks, w = _data(20, sparse=sparse)
+  u[:3] = np.abs(u[:3]) * (_coord(masks)[:3] if sparse else 1)  # some structure
+  perm = np.random.RandomState(1).permutation(K)
+  out1, acc1, _, _ = run(name, u, masks, w, pre=pre, **hp)
+  out2, acc2, _, _ = run(name, u[perm], None if masks is None else masks[perm],
+                         w[perm], pre=pre, **hp)
+  np.testing.assert_allclose(out1, out2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acc1[perm], acc2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES + [("median", {}, (("bucketing", ()),))],
+                         ids=_rule_id)
+def test_identical_inputs_give_the_common_value(rule):
+  name, hp, pre = rule
+  c = 0.05 * np.random.RandomState(3).randn(D).astype(np.float32)  # ||c|| < tau
+  u = np.tile(c, (K, 1))
+  _, _, w = _data(0)
+  got = run(name, u, None, w, pre=pre, **hp)[0]
+  if name == "signsgd":
+    np.testing.assert_array_equal(got, np.sign(c))
+  elif name == "safesparse" and not hp.get("guard"):
+    # Literal rule: all distances 0, one cluster of everyone, all excluded.
+    np.testing.assert_array_equal(got, 0.0)
+  else:
+    np.testing.assert_allclose(got, c, rtol=1e-5, atol=1e-7)
+
+
+ROBUST = [r for r in ALL_RULES] + [("median", {}, (("bucketing", ()),))]
+
+
+@pytest.mark.parametrize("rule", ROBUST, ids=_rule_id)
+@pytest.mark.parametrize("bad", ["inf", "nan", "huge", "mixed"])
+def test_finite_output_with_f_bad_rows(rule, bad):
+  name, hp, pre = rule
+  u, _, w = _data(21)
+  rows = np.random.RandomState(2).choice(K, F, replace=False)
+  value = {"inf": np.inf, "nan": np.nan, "huge": 1e30, "mixed": -np.inf}[bad]
+  u[rows] = value
+  if bad == "mixed":
+    u[rows[0], ::2] = np.nan
+    u[rows[1]] = -1e30
+  got, acc, _, _ = run(name, u, None, w, pre=pre, **hp)
+  assert np.all(np.isfinite(got)), got
+  assert np.all(np.isfinite(acc))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(0, 4),
+       scale=st.sampled_from([1e-3, 1.0, 1e6, 1e30]))
+def test_coordinatewise_breakdown(seed, n_bad, scale):
+  # K = 10, n_bad <= 4 < K/2 arbitrary outliers per coordinate.
+  rs = np.random.RandomState(seed)
+  u = rs.randn(K, D).astype(np.float32)
+  bad = rs.choice(K, n_bad, replace=False)
+  u[bad] = (rs.randn(n_bad, D) * scale).astype(np.float32)
+  benign = np.delete(u, bad, axis=0)
+  lo, hi = benign.min(0), benign.max(0)
+  for name, hp in [("median", {}), ("trimmed_mean", {})]:
+    got = run(name, u, ctx=_ctx(f=max(n_bad, 0)), **hp)[0]
+    assert np.all((got >= lo - 1e-6) & (got <= hi + 1e-6)), name
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(1, 2),
+       scale=st.sampled_from([10.0, 1e3, 1e30]))
+def test_krum_bulyan_breakdown(seed, n_bad, scale):
+  # K = 11 >= 4f + 3 with f = 2; outliers anywhere far from the benign cloud.
+  rs = np.random.RandomState(seed)
+  u = rs.randn(11, D).astype(np.float32)
+  bad = rs.choice(11, n_bad, replace=False)
+  direction = rs.randn(n_bad, D)
+  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+  u[bad] = (u.mean(0) + scale * np.sqrt(D) * direction).astype(np.float32)
+  benign = np.delete(u, bad, axis=0)
+  lo, hi = benign.min(0), benign.max(0)
+  for name in ("krum", "bulyan"):
+    got, acc, _, _ = run(name, u, ctx=_ctx(f=2, k=11))
+    assert np.all((got >= lo - 1e-6) & (got <= hi + 1e-6)), name
+    assert not acc[bad].any()
+
+
+# ---------------------------------------------------------------- SafeSparse
+
+
+def _sparse_population(rs, n_benign=20, n_mal=8, n_packs=100, pack_size=4, r=0.5):
+  k = n_benign + n_mal
+  d = n_packs * pack_size
+  masks = np.zeros((k, n_packs), bool)
+  for i in range(k):
+    masks[i, rs.choice(n_packs, int(math.ceil(r * n_packs)), replace=False)] = True
+  u = rs.randn(k, d).astype(np.float32)
+  masks[:n_mal] = masks[0]
+  u[:n_mal] = u[0]
+  perm = rs.permutation(k)
+  masks, u = masks[perm], u[perm]
+  return u * _coord(masks, d, pack_size), masks, np.isin(perm, np.arange(n_mal))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_safesparse_excludes_exactly_the_coordinated_group(seed):
+  rs = np.random.RandomState(seed)
+  u, masks, malicious = _sparse_population(rs)
+  ctx = _ctx(f=8, pack_size=4, k=28)
+  for guard in (False, True):
+    got, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=guard)
+    np.testing.assert_array_equal(acc, (~malicious).astype(float))
+    assert int(diag["min_samples"]) == round(28 * 0.2)
+    np.testing.assert_allclose(got, np_combine(u, masks, np.ones(28), ~malicious, 4),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_safesparse_barely_overlapping_masks(seed):
+  # 20 benign clients, masks of 5% of 1000 packs: two masks share 2.5 packs on
+  # average, so D is 1 or spread over few values. The Jaccard step keeps all.
+  rs = np.random.RandomState(seed)
+  u, masks, _ = _sparse_population(rs, n_benign=20, n_mal=0, n_packs=1000,
+                                   pack_size=1, r=0.05)
+  ctx = _ctx(f=0, pack_size=1, k=20)
+  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=True)
+  np.testing.assert_array_equal(acc, 1.0)
+  assert bool(diag["guard_triggered"])
+  # The paper's literal rule (guard off): eps is the typical distance, most
+  # points are core points, and the one big cluster is excluded.
+  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx)
+  assert acc.sum() <= 2
+  np.testing.assert_array_equal(acc, np_safesparse(u, masks, pack_size=1))
+
+
+def test_safesparse_dense_keeps_everyone_at_jaccard():
+  u, _, w = _data(30)
+  _, _, diag, _ = run("safesparse", u, None, w)
+  np.testing.assert_allclose(diag["jaccard_score"], 1.0)
+
+
+def test_safesparse_jaccard_drops_index_poisoner():
+  rs = np.random.RandomState(4)
+  u, masks, _ = _sparse_population(rs, n_benign=12, n_mal=0, n_packs=40,
+                                   pack_size=1, r=0.5)
+  # Client 0 selects the packs nobody else selects most: tiny overlap.
+  counts = masks[1:].sum(0)
+  masks[0] = False
+  masks[0, np.argsort(counts)[:5]] = True
+  u = rs.randn(12, 40).astype(np.float32) * masks
+  _, acc, diag, _ = run("safesparse", u, masks, ctx=_ctx(f=0, pack_size=1, k=12))
+  assert acc[0] == 0
+  assert diag["jaccard_score"][0] < diag["jaccard_threshold"]
+  np.testing.assert_array_equal(acc, np_safesparse(u, masks, pack_size=1))
+
+
+# ---------------------------------------------------------------- order stats
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 16, 25, 33])
+def test_sorting_network_sorts(k):
+  rs = np.random.RandomState(k)
+  x = rs.randn(k, 5).astype(np.float32)
+  x[rs.rand(k, 5) < 0.2] = np.nan
+  rows = _order_stats.sort_rows(jnp.asarray(x))
+  expect = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+  np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]), expect)
+  # 0-1 principle on small k: all binary inputs.
+  if k <= 16:
+    bits = ((np.arange(2**k)[None, :] >> np.arange(k)[:, None]) & 1).astype(np.float32)
+    rows = _order_stats.sort_rows(jnp.asarray(bits))
+    np.testing.assert_array_equal(np.stack([np.asarray(r) for r in rows]),
+                                  np.sort(bits, axis=0))
+
+
+def test_order_stat_helpers():
+  from fedjax_sparse.aggregators import _common
+  rs = np.random.RandomState(0)
+  # Chunked Gram (d > 2 chunks) against numpy.
+  a = rs.randn(3, 40000).astype(np.float32)
+  b = rs.randn(4, 40000).astype(np.float32)
+  np.testing.assert_allclose(jax.jit(_common.gram)(a, b), a.astype(np.float64) @ b.T,
+                             rtol=1e-4, atol=1e-2)
+  x = np.array([[1.0, np.inf, -0.0], [2.0, 3.0, np.nan]], np.float32)
+  np.testing.assert_array_equal(_order_stats.sum_rows(jnp.asarray(x)), x.sum(0))
+  np.testing.assert_array_equal(_order_stats.materialize(jnp.asarray(x[1])), x[1])
+  # Above MAX_NETWORK_ROWS the rules fall back to jnp.sort.
+  k = _order_stats.MAX_NETWORK_ROWS + 3
+  y = rs.randn(k, 4).astype(np.float32)
+  np.testing.assert_allclose(_order_stats.coordinate_median(jnp.asarray(y)),
+                             np.median(y, 0), atol=1e-6)
