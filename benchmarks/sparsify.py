@@ -15,7 +15,7 @@ In one run, on the same inputs (standard normal updates, top-k ratio 0.5):
 
 K = 100 is skipped at d = 11M: ``f32[100, 11M]`` is 4.4 GB per copy and the
 run needs several copies (updates and their dense views) on a 24 GB machine
-the masks) on a 24 GB machine shared with other jobs.
+shared with other jobs.
 
 Times are wall-clock medians after one warm-up call (``block_until_ready``);
 the machine's load average is recorded with them, since other jobs share its
