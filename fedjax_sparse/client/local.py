@@ -164,7 +164,8 @@ def _batch_positions(cfg: ClientConfig, n_max: int, count: jax.Array,
 
 
 def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
-                      has_model_state: bool = False) -> Callable:
+                      has_model_state: bool = False,
+                      data_attack: Optional[Any] = None) -> Callable:
   """Builds the pure function that trains one client.
 
   Args:
@@ -174,11 +175,16 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
     n_max: width of the client index table (the largest client).
     has_model_state: whether the model has non-parameter collections
       (BatchNorm ``batch_stats``).
+    data_attack: an optional :class:`fedjax_sparse.attacks.DataAttack`
+      applied to every minibatch of a poisoning client.
 
   Returns:
     ``train(params, model_state, client_state, x_all, y_all, idx_row, count,
-    key) -> ClientOut``. ``client_state`` is the client's momentum buffer
-    (a params-shaped pytree) in momentum mode, else ``()``.
+    key, poison=False, attack_ctx=None) -> ClientOut``. ``client_state`` is
+    the client's momentum buffer (a params-shaped pytree) in momentum mode,
+    else ``()``. ``poison`` (bool scalar) switches the data attack on for
+    this client; ``attack_ctx`` is the attack's context (round, the client's
+    rank among the attackers).
   """
   cfg.validate()
   opt = make_optimizer(cfg)
@@ -206,9 +212,11 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train(params, model_state, client_state, x_all, y_all, idx_row, count,
-            key):
+            key, poison=False, attack_ctx=None):
     global_params = params
-    pos, valid = _batch_positions(cfg, n_max, count, key)
+    k_pos, k_attack = jax.random.split(key)
+    pos, valid = _batch_positions(cfg, n_max, count, k_pos)
+    steps = jnp.arange(pos.shape[0], dtype=jnp.int32)
     if momentum_mode:
       mom0 = client_state
       opt_state0 = ()
@@ -218,11 +226,16 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
 
     def step(carry, inp):
       p, ms, opt_state, mom, loss_sum, n_steps = carry
-      pos_s, valid_s = inp
+      pos_s, valid_s, step_i = inp
       ex_mask = valid_s.astype(jnp.float32)
       rows = idx_row[pos_s]
       x = x_all[rows]
       y = y_all[rows]
+      if data_attack is not None:
+        xa, ya = data_attack.apply(x, y, jax.random.fold_in(k_attack, step_i),
+                                   attack_ctx)
+        x = jnp.where(poison, xa.astype(x.dtype), x)
+        y = jnp.where(poison, ya.astype(y.dtype), y)
       (_, (loss, new_ms)), g = grad_fn(p, ms, global_params, x, y, ex_mask)
       live = jnp.any(valid_s)
       if momentum_mode:
@@ -246,7 +259,7 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
     init = (params, model_state, opt_state0, mom0, jnp.float32(0.0),
             jnp.float32(0.0))
     (p, ms, _, mom, loss_sum, n_steps), _ = jax.lax.scan(step, init,
-                                                         (pos, valid))
+                                                         (pos, valid, steps))
     if momentum_mode:
       update = ravel_pytree(mom)[0]
       new_client_state = mom

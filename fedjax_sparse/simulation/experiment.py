@@ -40,6 +40,35 @@ from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
                                             make_round_step)
 
 PARTITIONS = ("iid", "dirichlet", "shards", "one_class")
+MALICIOUS_MODES = ("first", "random")
+
+
+def parse_kwargs(text: str, what: str = "arguments") -> dict:
+  """Parses ``"k=0.01,clip_norm=5,mode=sketch"`` into typed keyword arguments.
+
+  Values are Python literals (ints, floats, booleans, None, tuples) where they
+  parse as one, else strings.
+  """
+  import ast
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"bad {what} {item!r}: write name=value pairs separated "
+                       "by commas, e.g. 'k=0.01,clip_norm=5'")
+    name, value = (t.strip() for t in item.split("=", 1))
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value
+  return out
+
+
+def _build(factory, kwargs: dict, what: str, name: str, **fixed):
+  try:
+    return factory(**fixed, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"cannot build {what} {name!r} with arguments {kwargs}: "
+                     f"{e}; set them with --{what.split()[0]}_args") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +98,17 @@ class ExperimentConfig:
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
   aggregator: str = "fedavg"
+  aggregator_args: str = ""
   weighted: bool = True
-  num_byzantine: int = 0
+  num_byzantine: int = -1
+  sparsify: str = "none"
+  topk_ratio: float = 0.5
+  pack_size: int = 1
+  attack: str = "none"
+  attack_args: str = ""
+  malicious_fraction: float = 0.0
+  malicious_mode: str = "first"
+  attack_start: int = 10
   model: str = "mlp"
   conv_impl: str = "auto"
   norm: str = "group"
@@ -89,6 +127,21 @@ class ExperimentConfig:
                         batch_size=self.batch_size,
                         update_mode=self.update_mode, prox_mu=self.prox_mu)
 
+  @property
+  def num_malicious(self) -> int:
+    """Malicious clients in the population: round(fraction * C)."""
+    return int(round(self.malicious_fraction * self.num_clients))
+
+  @property
+  def byzantine(self) -> int:
+    """f given to robust rules: --num_byzantine, or the expected number of
+    attackers among the K sampled clients when it is -1."""
+    if self.num_byzantine >= 0:
+      return self.num_byzantine
+    if self.attack == "none":
+      return 0
+    return int(round(self.malicious_fraction * self.clients_per_round))
+
   def round_config(self) -> RoundConfig:
     return RoundConfig(num_clients=self.num_clients,
                        clients_per_round=self.clients_per_round,
@@ -97,7 +150,10 @@ class ExperimentConfig:
                        server_lr=self.server_lr,
                        server_optimizer=self.server_optimizer,
                        weighted=self.weighted,
-                       num_byzantine=self.num_byzantine)
+                       num_byzantine=self.byzantine,
+                       sparsify=self.sparsify, topk_ratio=self.topk_ratio,
+                       pack_size=self.pack_size,
+                       attack_start=self.attack_start)
 
   def validate(self, check_data: bool = True) -> None:
     """Raises ValueError (or DatasetNotFoundError) saying what to change."""
@@ -121,9 +177,24 @@ class ExperimentConfig:
     if self.conv_impl not in ("auto", "im2col", "lax"):
       raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose auto, "
                        "im2col or lax")
-    if not 0 <= self.num_byzantine < self.clients_per_round:
-      raise ValueError(f"num_byzantine must be in [0, clients_per_round), got "
-                       f"{self.num_byzantine}")
+    if not -1 <= self.num_byzantine < self.clients_per_round:
+      raise ValueError(f"num_byzantine must be -1 (automatic) or in "
+                       f"[0, clients_per_round), got {self.num_byzantine}")
+    parse_kwargs(self.aggregator_args, "aggregator_args")
+    parse_kwargs(self.attack_args, "attack_args")
+    from fedjax_sparse import attacks as attacks_lib
+    if self.attack != "none" and self.attack not in attacks_lib.names():
+      raise ValueError(f"unknown attack {self.attack!r}; known attacks: none, "
+                       f"{', '.join(attacks_lib.names())}")
+    if not 0.0 <= self.malicious_fraction < 1.0:
+      raise ValueError(f"malicious_fraction must be in [0, 1), got "
+                       f"{self.malicious_fraction}")
+    if self.attack != "none" and self.num_malicious == 0:
+      raise ValueError(f"--attack={self.attack} needs malicious clients: set "
+                       "--malicious_fraction (e.g. 0.4)")
+    if self.malicious_mode not in MALICIOUS_MODES:
+      raise ValueError(f"unknown malicious_mode {self.malicious_mode!r}; "
+                       f"choose one of {', '.join(MALICIOUS_MODES)}")
     if self.max_train < 0 or self.val_size < 0:
       raise ValueError("max_train and val_size must be >= 0")
     if check_data:
@@ -156,23 +227,47 @@ class Experiment:
                                      train=False)
     self.has_model_state = len(self.variables) > 1
     self.layout = layout_of(self.variables["params"])
-    self.aggregator = aggregators_lib.get(cfg.aggregator)()
+    self.aggregator = _build(aggregators_lib.get(cfg.aggregator),
+                             parse_kwargs(cfg.aggregator_args),
+                             "aggregator", cfg.aggregator)
+    from fedjax_sparse import attacks as attacks_lib
+    self.update_attack = self.data_attack = None
+    attack_kwargs = parse_kwargs(cfg.attack_args)
+    if cfg.attack != "none":
+      if attacks_lib.is_update_attack(cfg.attack):
+        self.update_attack = _build(attacks_lib.get_update_attack(cfg.attack),
+                                    attack_kwargs, "attack", cfg.attack)
+      else:
+        self.data_attack = _build(attacks_lib.get_data_attack(cfg.attack),
+                                  attack_kwargs, "attack", cfg.attack,
+                                  num_classes=self.fd.num_classes)
+    malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
+                                             cfg.malicious_mode, cfg.seed)
     self.round_config = cfg.round_config()
+    self.round_config.validate(self.layout.d)
+    # Rules and attacks check their settings against d in init (k > d, ...):
+    # trace them abstractly now, before anything is compiled.
+    jax.eval_shape(lambda: self.aggregator.init(self.layout.d))
+    if self.update_attack is not None:
+      jax.eval_shape(lambda: self.update_attack.init(self.layout.d))
     self.round_step = make_round_step(
         self.round_config, self.model.apply, self.aggregator, self.layout,
         n_max=self.fd.clients.idx.shape[1],
-        has_model_state=self.has_model_state)
+        has_model_state=self.has_model_state,
+        update_attack=self.update_attack, data_attack=self.data_attack)
     self.evaluate = make_evaluate(self.model.apply, cfg.eval_batch_size)
     self.data = RoundData(jnp.asarray(self.fd.x_train),
                           jnp.asarray(self.fd.y_train),
                           jnp.asarray(self.fd.clients.idx),
-                          jnp.asarray(self.fd.clients.counts))
+                          jnp.asarray(self.fd.clients.counts),
+                          jnp.asarray(malicious),
+                          jnp.asarray(attacks_lib.malicious_rank(malicious)))
     self.x_test = jnp.asarray(self.fd.x_test)
     self.y_test = jnp.asarray(self.fd.y_test)
 
   def init_state(self):
     return init_server_state(self.round_config, self.variables,
-                             self.aggregator, self.k_state)
+                             self.aggregator, self.k_state, self.update_attack)
 
   def eval_state(self, state) -> dict:
     out = self.evaluate(state.params, state.model_state, self.x_test,
@@ -184,6 +279,11 @@ def _config_dict(cfg: ExperimentConfig) -> dict:
   d = dataclasses.asdict(cfg)
   d.pop("output_dir")
   return d
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True,
@@ -229,7 +329,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     loss = float(metrics["loss"])
     seconds = time.perf_counter() - t0
     rec = {"round": r + 1, "loss": loss, "seconds": seconds,
-           "update_norm": float(metrics["update_norm"])}
+           "update_norm": float(metrics["update_norm"]),
+           "uplink_bits": float(metrics["uplink_bits"]),
+           "downlink_bits": float(metrics["downlink_bits"])}
+    if cfg.attack != "none":
+      n_mal = int(metrics["num_malicious"])
+      n_ben = cfg.clients_per_round - n_mal
+      rec.update({
+          "attack_active": bool(metrics["attack_active"]),
+          "num_malicious": n_mal,
+          "tpr": int(metrics["flagged_malicious"]) / n_mal if n_mal else None,
+          "fpr": int(metrics["flagged_benign"]) / n_ben if n_ben else None})
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
       ev = exp.eval_state(state)
       rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
@@ -260,6 +370,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       "median_round_seconds": float(np.median(steady)) if steady else None,
       "wall_seconds": time.perf_counter() - t_run,
       "num_params": exp.layout.d,
+      "uplink_bits_total": sum(x["uplink_bits"] for x in records),
+      "downlink_bits_total": sum(x["downlink_bits"] for x in records),
+      "mean_tpr": _mean([x.get("tpr") for x in records if x.get("attack_active")]),
+      "mean_fpr": _mean([x.get("fpr") for x in records if x.get("attack_active")]),
       "backend": jax.default_backend(),
   }
   if out_dir:

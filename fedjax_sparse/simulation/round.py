@@ -7,11 +7,17 @@ federated round inside a single ``jax.jit``:
 2. gather their index rows and per-client state rows;
 3. train all ``K`` clients together with the chosen engine (``vmap``,
    ``lax.map`` in chunks, or a sequential ``lax.map`` as the reference);
-4. hand the flat updates ``f32[K, d]`` to the aggregator contract
+   malicious clients poison their minibatches when a data attack is active;
+4. let an update attack replace the malicious clients' rows of the flat
+   updates ``f32[K, d]`` (from the attack's start round on);
+5. sparsify every upload with pack top-k (FLARE IV-C) when configured, which
+   gives the zero-filled dense views and the 1-bit pack masks;
+6. hand updates and masks to the aggregator contract
    (:mod:`fedjax_sparse.aggregators.base`);
-5. apply the aggregate with the server optimizer (plain ``theta - lr * u`` by
+7. apply the aggregate with the server optimizer (plain ``theta - lr * u`` by
    default) and write back per-client state;
-6. return the round's metrics.
+8. return the round's metrics: loss, acceptance, detection counts against the
+   known malicious clients, and uplink/downlink bits.
 
 No Python loop over clients runs; all state is an explicit pytree
 (:class:`ServerState`) carried from round to round, and its buffers are
@@ -36,6 +42,7 @@ from fedjax_sparse.layout import Layout, layout_of
 PyTree = Any
 
 ENGINES = ("vmap", "map", "sequential")
+SPARSIFIERS = ("none", "topk")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
@@ -56,6 +63,11 @@ class RoundConfig:
     server_momentum: momentum of the "momentum" server optimizer.
     weighted: aggregation weights by client dataset size (True) or uniform.
     num_byzantine: f, the number of attackers robust rules are told to expect.
+    sparsify: "none" (dense uploads) or "topk" (pack top-k uploads).
+    topk_ratio: fraction r of packs each client keeps (FLARE default 0.5).
+    pack_size: parameters per pack P (1 = scalar top-k).
+    attack_start: first round (1-based) in which attacks are active
+      (ALGORITHMS.md section 5: paper default 10).
   """
 
   num_clients: int
@@ -68,9 +80,28 @@ class RoundConfig:
   server_momentum: float = 0.9
   weighted: bool = True
   num_byzantine: int = 0
+  sparsify: str = "none"
+  topk_ratio: float = 0.5
+  pack_size: int = 1
+  attack_start: int = 10
 
-  def validate(self) -> None:
+  def validate(self, d: Optional[int] = None) -> None:
+    """Raises ValueError saying what to change (``d`` enables the k <= d check)."""
     self.client.validate()
+    if self.sparsify not in SPARSIFIERS:
+      raise ValueError(f"unknown sparsify {self.sparsify!r}; choose one of "
+                       f"{', '.join(SPARSIFIERS)}")
+    if self.sparsify == "topk":
+      if not 0.0 < self.topk_ratio <= 1.0:
+        raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
+      if not isinstance(self.pack_size, int) or self.pack_size < 1:
+        raise ValueError(f"pack_size must be an integer >= 1, got "
+                         f"{self.pack_size}")
+      if d is not None:
+        from fedjax_sparse.sparsify import check_topk_config
+        check_topk_config(d, self.topk_ratio, self.pack_size)
+    if self.attack_start < 1:
+      raise ValueError(f"attack_start must be >= 1, got {self.attack_start}")
     if self.num_clients < 1:
       raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
     if not 1 <= self.clients_per_round <= self.num_clients:
@@ -108,6 +139,9 @@ class ServerState:
     agg_state: aggregator state.
     client_state: per-client persistent state with a leading ``[C]`` axis
       (momentum buffers in momentum mode), or ().
+    attack_state: the update attack's state, or ().
+    prev_aggregate: ``f32[d]`` last round's aggregated update (zeros at
+      the start; ROP and similar attacks build on it).
     round: int32 number of finished rounds.
     key: PRNG key of the next round.
   """
@@ -117,6 +151,8 @@ class ServerState:
   opt_state: PyTree
   agg_state: PyTree
   client_state: PyTree
+  attack_state: PyTree
+  prev_aggregate: jax.Array
   round: jax.Array
   key: jax.Array
 
@@ -129,12 +165,17 @@ class RoundData(NamedTuple):
     y: ``int32[N]`` labels.
     idx: ``int32[C, n_max]`` client index table.
     counts: ``int32[C]`` client sizes.
+    malicious: ``bool[C]`` which clients are malicious (None: nobody).
+    rank: ``int32[C]`` each malicious client's index among the attackers
+      (-1 for benign clients; DBA picks its trigger by it), or None.
   """
 
   x: jax.Array
   y: jax.Array
   idx: jax.Array
   counts: jax.Array
+  malicious: Optional[jax.Array] = None
+  rank: Optional[jax.Array] = None
 
 
 def split_variables(variables: PyTree) -> tuple[PyTree, PyTree]:
@@ -145,13 +186,13 @@ def split_variables(variables: PyTree) -> tuple[PyTree, PyTree]:
 
 
 def init_server_state(cfg: RoundConfig, variables: PyTree,
-                      aggregator: Aggregator, key: jax.Array) -> ServerState:
+                      aggregator: Aggregator, key: jax.Array,
+                      update_attack=None) -> ServerState:
   """Builds the round-0 :class:`ServerState` from initial model variables.
 
   The state owns copies of ``variables``: the round step donates its state,
   and the caller's arrays must stay valid.
   """
-  variables = jax.tree.map(lambda a: jnp.array(a, copy=True), variables)
   params, model_state = split_variables(variables)
   d = ravel_pytree(params)[0].size
   if cfg.client.update_mode == "momentum":
@@ -159,14 +200,19 @@ def init_server_state(cfg: RoundConfig, variables: PyTree,
         lambda p: jnp.zeros((cfg.num_clients,) + p.shape, p.dtype), params)
   else:
     client_state = ()
-  return ServerState(
+  state = ServerState(
       params=params,
       model_state=model_state,
       opt_state=make_server_optimizer(cfg).init(params),
       agg_state=aggregator.init(d),
       client_state=client_state,
+      attack_state=update_attack.init(d) if update_attack is not None else (),
+      prev_aggregate=jnp.zeros((d,), jnp.float32),
       round=jnp.int32(0),
       key=key)
+  # The round step donates its state, so every leaf needs a buffer of its own
+  # (an init that reuses one zeros array for two fields would be donated twice).
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), state)
 
 
 def run_clients(train_one: Callable, engine: str, map_batch_size: int,
@@ -188,6 +234,7 @@ def run_clients(train_one: Callable, engine: str, map_batch_size: int,
 
 def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator,
                     layout: Layout, n_max: int, has_model_state: bool = False,
+                    update_attack=None, data_attack=None,
                     jit: bool = True) -> Callable:
   """Builds ``round_step(state, data) -> (state, metrics)``.
 
@@ -198,21 +245,37 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     layout: layout of the flat parameter vector.
     n_max: width of the client index table.
     has_model_state: whether the model carries BatchNorm statistics.
+    update_attack: an optional :class:`fedjax_sparse.attacks.UpdateAttack`
+      (initialise its state with ``init_server_state(..., update_attack)``).
+    data_attack: an optional :class:`fedjax_sparse.attacks.DataAttack`.
     jit: return the jitted function (with ``state`` donated).
+
+  Both attacks act from round ``cfg.attack_start`` on, through the clients
+  marked in ``data.malicious``.
 
   Returns:
     The round step. ``metrics`` holds ``loss`` (mean client training loss),
     ``clients`` (the sampled client ids), ``acceptance`` (f32[K]),
-    ``update_norm`` and the aggregator's diagnostics.
+    ``malicious`` (bool[K]), ``attack_active``, detection counts
+    (``num_malicious``, ``flagged_malicious``, ``flagged_benign``: a client is
+    flagged when its acceptance is 0), ``uplink_bits`` and ``downlink_bits``
+    of the round, ``update_norm`` and the aggregator's diagnostics.
   """
-  cfg.validate()
-  train_one = make_client_train(apply_fn, cfg.client, n_max, has_model_state)
+  d = layout.d
+  cfg.validate(d)
+  train_one = make_client_train(apply_fn, cfg.client, n_max, has_model_state,
+                                data_attack=data_attack)
   server_opt = make_server_optimizer(cfg)
   momentum_mode = cfg.client.update_mode == "momentum"
   num_k = cfg.clients_per_round
+  sparse = cfg.sparsify == "topk"
+  pack_size = cfg.pack_size if sparse else 1
+  dense_bits = 32 * d
+  if sparse:
+    from fedjax_sparse.sparsify import pack_topk_batch, uplink_bits_from_masks
 
   def round_step(state: ServerState, data: RoundData):
-    key, k_sample, k_train, k_agg = jax.random.split(state.key, 4)
+    key, k_sample, k_train, k_agg, k_attack = jax.random.split(state.key, 5)
     if num_k == cfg.num_clients:
       clients = jnp.arange(num_k, dtype=jnp.int32)
     else:
@@ -221,27 +284,61 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     idx = data.idx[clients]
     counts = data.counts[clients]
     client_keys = jax.random.split(k_train, num_k)
+    if data.malicious is not None:
+      is_mal = data.malicious[clients]
+    else:
+      is_mal = jnp.zeros((num_k,), bool)
+    rank = (data.rank[clients] if data.rank is not None
+            else jnp.full((num_k,), -1, jnp.int32))
+    attack_active = state.round + 1 >= cfg.attack_start
+    poison = is_mal & attack_active
     if momentum_mode:
       cstate = jax.tree.map(lambda a: a[clients], state.client_state)
     else:
       cstate = jnp.zeros((num_k,), jnp.int32)  # placeholder with a client axis
 
-    def train_i(params, model_state, x_all, y_all, cs, idx_row, count, k):
+    def train_i(params, model_state, x_all, y_all, rnd, cs, idx_row, count, k,
+                psn, rk):
+      actx = None
+      if data_attack is not None:
+        from fedjax_sparse.attacks import AttackContext
+        actx = AttackContext(round=rnd, extra={"client_rank": rk})
       return train_one(params, model_state, cs if momentum_mode else (), x_all,
-                       y_all, idx_row, count, k)
+                       y_all, idx_row, count, k, psn, actx)
 
     out = run_clients(train_i, cfg.engine, cfg.map_batch_size,
-                      (state.params, state.model_state, data.x, data.y),
-                      (cstate, idx, counts, client_keys))
+                      (state.params, state.model_state, data.x, data.y,
+                       state.round),
+                      (cstate, idx, counts, client_keys, poison, rank))
     updates = out.update  # f32[K, d]
     weights = (counts.astype(jnp.float32) if cfg.weighted
                else jnp.ones((num_k,), jnp.float32))
-
     flat_global, unravel = ravel_pytree(state.params)
+
+    attack_state = state.attack_state
+    if update_attack is not None:
+      from fedjax_sparse.attacks import AttackContext
+      actx = AttackContext(round=state.round, global_params=flat_global,
+                           prev_aggregate=state.prev_aggregate,
+                           weights=weights, layout=layout,
+                           num_clients=num_k, pack_size=pack_size)
+      updates, attack_state = jax.lax.cond(
+          attack_active & jnp.any(is_mal),
+          lambda u, st: update_attack.apply(st, u, is_mal, k_attack, actx),
+          lambda u, st: (u, st), updates, attack_state)
+
+    if sparse:
+      updates, masks = pack_topk_batch(updates, cfg.topk_ratio, pack_size)
+      uplink = jnp.sum(uplink_bits_from_masks(masks, d, pack_size)
+                       .astype(jnp.float32))
+    else:
+      masks = None
+      uplink = jnp.float32(dense_bits * num_k)
+
     ctx = AggContext(round=state.round, global_params=flat_global,
-                     layout=layout, pack_size=1,
+                     layout=layout, pack_size=pack_size,
                      num_byzantine=cfg.num_byzantine, num_clients=num_k)
-    agg_out, agg_state = aggregator.apply(state.agg_state, updates, None,
+    agg_out, agg_state = aggregator.apply(state.agg_state, updates, masks,
                                           weights, k_agg, ctx)
     grad = unravel(agg_out.update)
     upd, opt_state = server_opt.update(grad, state.opt_state, state.params)
@@ -261,12 +358,22 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
 
     new_state = ServerState(params=params, model_state=model_state,
                             opt_state=opt_state, agg_state=agg_state,
-                            client_state=client_state, round=state.round + 1,
-                            key=key)
+                            client_state=client_state,
+                            attack_state=attack_state,
+                            prev_aggregate=agg_out.update.astype(jnp.float32),
+                            round=state.round + 1, key=key)
+    flagged = agg_out.acceptance <= 0
     metrics = {
         "loss": jnp.sum(out.loss * weights) / jnp.sum(weights),
         "clients": clients,
         "acceptance": agg_out.acceptance,
+        "malicious": is_mal,
+        "attack_active": attack_active,
+        "num_malicious": jnp.sum(is_mal.astype(jnp.int32)),
+        "flagged_malicious": jnp.sum((flagged & is_mal).astype(jnp.int32)),
+        "flagged_benign": jnp.sum((flagged & ~is_mal).astype(jnp.int32)),
+        "uplink_bits": uplink,
+        "downlink_bits": jnp.float32(dense_bits * num_k),
         "update_norm": jnp.linalg.norm(agg_out.update),
         **{f"agg/{k}": v for k, v in agg_out.diagnostics.items()},
     }
