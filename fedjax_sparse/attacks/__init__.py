@@ -1,0 +1,56 @@
+"""Data and update attacks behind one contract (see :mod:`.base`) and registries.
+
+Update attacks (``get_update_attack(name)(**hyperparameters)``): ``gna``,
+``ipm``, ``scaling``, ``sign_flip``, ``model_replacement``, ``alie``, ``rop``,
+``mimic``, ``min_max``, ``min_sum``, ``hsa``, ``dhsa``, ``c_lasa``,
+``index_poisoning``, ``targeted_pgd``.
+
+Data attacks (``get_data_attack(name)(num_classes, ...)``): ``label_flip``,
+``pixel_backdoor``, ``dba``, ``semantic_backdoor``,
+``convergence_prevention``.
+"""
+
+from fedjax_sparse.attacks.base import (CHOOSE_MODES, KNOWLEDGE, AttackContext,
+                                        DataAttack, UpdateAttack, choose_malicious,
+                                        malicious_rank, replace_malicious)
+from fedjax_sparse.attacks.registry import (data_attack_names, get_data_attack,
+                                            get_update_attack, is_data_attack,
+                                            is_update_attack, names, register_data,
+                                            register_update, update_attack_names)
+from fedjax_sparse.attacks._stats import bisect_max, z_max
+from fedjax_sparse.attacks.update import (MimicState, alie, gna, ipm, mimic,
+                                          model_replacement, rop, scaling, sign_flip)
+from fedjax_sparse.attacks.optimized import (DEVIATIONS, OptimizedSolution, min_max,
+                                             min_max_solve, min_sum, min_sum_solve)
+from fedjax_sparse.attacks.hsa import (CLASA_SELECTIONS, STABILIZERS, DHSASolution,
+                                       bottomk_mask, c_lasa, dhsa, dhsa_solve, hsa,
+                                       stabilization_threshold)
+from fedjax_sparse.attacks.index_poisoning import (index_poisoning,
+                                                   malicious_contributor_ratio)
+from fedjax_sparse.attacks.targeted import (make_auxiliary_set, pgd_update,
+                                            project_l2_ball, targeted_pgd)
+from fedjax_sparse.attacks.data import (LABEL_MAPPINGS, Trigger, apply_trigger,
+                                        backdoor_test_set, choose_rows,
+                                        convergence_prevention, dba, dba_triggers,
+                                        global_trigger, label_flip, pixel_backdoor,
+                                        semantic_backdoor, square_trigger)
+
+__all__ = [
+    "AttackContext", "CHOOSE_MODES", "DataAttack", "KNOWLEDGE", "UpdateAttack",
+    "choose_malicious", "malicious_rank", "replace_malicious",
+    "data_attack_names", "get_data_attack", "get_update_attack", "is_data_attack",
+    "is_update_attack", "names", "register_data", "register_update",
+    "update_attack_names", "bisect_max", "z_max",
+    "MimicState", "alie", "gna", "ipm", "mimic", "model_replacement", "rop",
+    "scaling", "sign_flip",
+    "DEVIATIONS", "OptimizedSolution", "min_max", "min_max_solve", "min_sum",
+    "min_sum_solve",
+    "CLASA_SELECTIONS", "STABILIZERS", "DHSASolution", "bottomk_mask", "c_lasa",
+    "dhsa", "dhsa_solve", "hsa", "stabilization_threshold",
+    "index_poisoning", "malicious_contributor_ratio",
+    "make_auxiliary_set", "pgd_update", "project_l2_ball", "targeted_pgd",
+    "LABEL_MAPPINGS", "Trigger", "apply_trigger", "backdoor_test_set",
+    "choose_rows", "convergence_prevention", "dba", "dba_triggers",
+    "global_trigger", "label_flip", "pixel_backdoor", "semantic_backdoor",
+    "square_trigger",
+]

@@ -1,0 +1,184 @@
+"""The attack contract shared by every data and update attack.
+
+Two kinds of attack, each a small NamedTuple of pure functions in the spirit
+of optax (ALGORITHMS.md section 5)::
+
+  attack = fedjax_sparse.attacks.get_update_attack("alie")()
+  state = attack.init(d)
+  updates, state = attack.apply(state, updates, is_malicious, key, ctx)
+
+  poison = fedjax_sparse.attacks.get_data_attack("label_flip")(num_classes=10)
+  x, y = poison.apply(x, y, key, ctx)
+
+Update attacks (:class:`UpdateAttack`):
+
+* ``updates``: ``f32[K, d]``, every sampled client's *honest* update
+  (``global - local``). The rows of malicious clients hold what they would
+  honestly send, computed on their own data: "partial knowledge" attacks
+  estimate the benign statistics from these rows.
+* ``is_malicious``: ``bool[K]``. How many of the K sampled clients are
+  malicious varies from round to round (``k_m = sum(is_malicious)`` is a
+  traced value), so every statistic is a masked reduction over fixed shapes,
+  never a boolean index.
+* ``apply`` returns the full ``f32[K, d]`` matrix in which only the malicious
+  rows are replaced; benign rows are returned bit for bit.
+* Knowledge (factory argument where the paper supports it):
+  ``"omniscient"`` computes the mean ``mu`` and coordinate standard deviation
+  ``sigma`` over the benign rows, ``"partial"`` over the malicious rows'
+  honest updates (hybrid_sparse_attack.txt App. C.3).
+* Colluding attackers send the same vector unless the attack says otherwise
+  (ALGORITHMS.md section 5).
+
+Data attacks (:class:`DataAttack`) transform one malicious client's minibatch
+``(x f32[B, ...], y int32[B])``; the factory takes ``num_classes``.
+``ctx.extra["client_rank"]`` (the client's index among the malicious set)
+picks a DBA trigger.
+
+The start round (paper default 10, ALGORITHMS.md section 5) is applied by the
+round step (``round >= start_round``); ``apply`` does not gate on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sparse.layout import Layout
+
+Array = jax.Array
+PyTree = Any
+
+KNOWLEDGE = ("omniscient", "partial")
+CHOOSE_MODES = ("first", "random")
+
+
+@flax.struct.dataclass
+class AttackContext:
+  """Everything an attack may know besides the updates.
+
+  Traced fields:
+    round: int32 scalar, the current round.
+    global_params: ``f32[d]`` flat global model before this round's update.
+    prev_aggregate: ``f32[d]`` last round's aggregated update (zeros at the
+      start); ROP builds on it.
+    weights: ``f32[K]`` aggregation weights of the sampled clients.
+    extra: dict of arrays (``client_rank`` for data attacks, a precomputed
+      ``targeted_update`` for :func:`~fedjax_sparse.attacks.targeted_pgd`).
+
+  Static fields:
+    layout: the :class:`~fedjax_sparse.layout.Layout` of the flat vectors
+      (layer-wise attacks such as C-LASA), or None.
+    num_clients: K, the number of sampled clients.
+    pack_size: parameters per pack of the sparsifier (index poisoning).
+  """
+
+  round: Array = 0
+  global_params: Optional[Array] = None
+  prev_aggregate: Optional[Array] = None
+  weights: Optional[Array] = None
+  extra: dict = flax.struct.field(default_factory=dict)
+  layout: Optional[Layout] = flax.struct.field(pytree_node=False, default=None)
+  num_clients: int = flax.struct.field(pytree_node=False, default=0)
+  pack_size: int = flax.struct.field(pytree_node=False, default=1)
+
+
+InitFn = Callable[[int], PyTree]
+UpdateApplyFn = Callable[..., tuple[Array, PyTree]]
+DataApplyFn = Callable[..., tuple[Array, Array]]
+
+
+class UpdateAttack(NamedTuple):
+  """A pure ``init``/``apply`` pair over the stacked updates.
+
+  ``init(d) -> state``;
+  ``apply(state, updates f32[K, d], is_malicious bool[K], key, ctx)
+  -> (updates f32[K, d], state)`` with only the malicious rows replaced.
+  """
+
+  init: InitFn
+  apply: UpdateApplyFn
+
+
+class DataAttack(NamedTuple):
+  """``apply(x f32[B, ...], y int32[B], key, ctx) -> (x, y)`` for one client.
+
+  Attributes:
+    apply: the batch transformation.
+    num_classes: number of classes it was built for.
+  """
+
+  apply: DataApplyFn
+  num_classes: int
+
+
+def no_state(d: int) -> tuple:
+  """``init`` of stateless attacks."""
+  del d
+  return ()
+
+
+def check_knowledge(knowledge: str) -> None:
+  if knowledge not in KNOWLEDGE:
+    raise ValueError(f"unknown knowledge {knowledge!r}; choose one of "
+                     f"{', '.join(KNOWLEDGE)}")
+
+
+def replace_malicious(updates: Array, is_malicious: Array, malicious: Array) -> Array:
+  """Rows of ``updates`` where ``is_malicious``, replaced by ``malicious``.
+
+  Args:
+    updates: ``f32[K, d]``.
+    is_malicious: ``bool[K]``.
+    malicious: ``f32[d]`` (every attacker sends it) or ``f32[K, d]`` (row i
+      is attacker i's vector).
+
+  Returns:
+    ``f32[K, d]``; benign rows are the input rows unchanged.
+  """
+  malicious = jnp.asarray(malicious, updates.dtype)
+  if malicious.ndim == 1:
+    malicious = malicious[None, :]
+  return jnp.where(is_malicious[:, None], malicious, updates)
+
+
+def choose_malicious(num_clients: int, num_malicious: int, mode: str = "first",
+                     seed: int = 0) -> np.ndarray:
+  """Which of the ``C`` clients are malicious, fixed for a whole run.
+
+  Args:
+    num_clients: C, the client population.
+    num_malicious: how many are malicious, ``0 <= num_malicious <= C``.
+    mode: ``"first"`` (clients ``0..num_malicious-1``, the usual convention
+      of the papers' code) or ``"random"`` (uniform without replacement).
+    seed: numpy seed for ``"random"``.
+
+  Returns:
+    ``bool[C]`` numpy array.
+  """
+  if mode not in CHOOSE_MODES:
+    raise ValueError(f"unknown mode {mode!r}; choose one of "
+                     f"{', '.join(CHOOSE_MODES)}")
+  if not 0 <= num_malicious <= num_clients:
+    raise ValueError(f"num_malicious must be in [0, num_clients={num_clients}], "
+                     f"got {num_malicious}")
+  out = np.zeros((num_clients,), bool)
+  if mode == "first":
+    out[:num_malicious] = True
+  else:
+    rng = np.random.default_rng(seed)
+    out[rng.choice(num_clients, size=num_malicious, replace=False)] = True
+  return out
+
+
+def malicious_rank(is_malicious: np.ndarray) -> np.ndarray:
+  """``int32[C]``: each client's index among the malicious set (-1 if benign).
+
+  The value to put in ``ctx.extra["client_rank"]`` for DBA.
+  """
+  is_malicious = np.asarray(is_malicious, bool)
+  rank = np.cumsum(is_malicious) - 1
+  return np.where(is_malicious, rank, -1).astype(np.int32)
