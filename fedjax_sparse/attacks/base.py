@@ -36,6 +36,25 @@ picks a DBA trigger.
 
 The start round (paper default 10, ALGORITHMS.md section 5) is applied by the
 round step (``round >= start_round``); ``apply`` does not gate on it.
+
+Wiring into a round step (a sketch)::
+
+  # once: attack_state = attack.init(d), carried in the round state
+  attacked, new_state = attack.apply(attack_state, updates, is_mal, key, ctx)
+  on = ctx.round >= start_round
+  updates = jnp.where(on, attacked, updates)   # or lax.cond on ``on``
+  attack_state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_state, attack_state)
+
+  # data attacks, inside local training of client i, per minibatch:
+  ctx_i = ctx.replace(extra={"client_rank": malicious_rank[i]})
+  xp, yp = data_attack.apply(x, y, key_i, ctx_i)
+  x, y = jnp.where(is_mal[i] & on, xp, x), jnp.where(is_mal[i] & on, yp, y)
+
+Update attacks run after local training and before sparsification (the
+sparsifier then derives the attackers' masks from their crafted updates, as
+index poisoning relies on). Donate or reuse the ``updates`` buffer where
+possible: the malicious rows are then written in place (a fresh K x d
+output costs page faults of the order of a full pass).
 """
 
 from __future__ import annotations

@@ -270,12 +270,10 @@ def _layer_slices(ctx, d: int) -> list[slice]:
 
 def _masked_median(v: Array, sel: Array) -> Array:
   """Median of ``v[i]`` over rows with ``sel > 0``, for ``v: f32[K, L]``."""
-  k = v.shape[0]
   s = jnp.sort(jnp.where(sel[:, None] > 0, v, jnp.inf), axis=0)
   n = jnp.maximum(jnp.sum(sel > 0), 1).astype(jnp.int32)
   lo = jnp.take(s, (n - 1) // 2, axis=0)
   hi = jnp.take(s, n // 2, axis=0)
-  del k
   return 0.5 * (lo + hi)
 
 

@@ -123,8 +123,9 @@ def model_replacement(server_lr: float = 1.0, num_clients: Optional[int] = None,
   Args:
     server_lr: the server learning rate eta.
     num_clients: K in the scale; None uses the K of the round.
-    at_round: if set, the attack acts only at that round (the paper's single
-      round near the end of training); otherwise at every round it is
+    at_round: if set, the attack acts only when ``ctx.round == at_round``
+      (the paper's single round near the end of training; the round step
+      passes its 0-based round counter); otherwise at every round it is
       applied.
   """
   if server_lr <= 0:

@@ -1,0 +1,348 @@
+"""Tests of fedjax_sparse.attacks: hand-computed cases and constraint checks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sparse import attacks as A
+from fedjax_sparse.layout import layout_of
+from fedjax_sparse.models import get_model
+from fedjax_sparse.sparsify import pack_topk_batch
+
+K = 12
+# The flat size of get_model("mlp", 10, width=(16,)) on 8x8x1 inputs, so that
+# layer-wise attacks (C-LASA) see a real layout.
+LAYOUT = layout_of(get_model("mlp", 10, width=(16,)).init(
+    jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"])
+D = LAYOUT.d
+
+
+def _updates(k=K, d=D, seed=0):
+  rng = np.random.default_rng(seed)
+  scale = np.exp(rng.normal(size=d) * 0.5)
+  common = rng.normal(size=d) * 0.3
+  x = (common + rng.normal(size=(k, d))) * scale
+  return jnp.asarray(x, jnp.float32)
+
+
+def _mal(idx, k=K):
+  m = np.zeros(k, bool)
+  m[list(idx)] = True
+  return jnp.asarray(m)
+
+
+def _ctx(d=D, k=K, layout=LAYOUT, pack_size=1):
+  return A.AttackContext(round=jnp.int32(12), global_params=jnp.zeros(d),
+                         prev_aggregate=jnp.zeros(d), weights=jnp.ones(k),
+                         layout=layout, num_clients=k, pack_size=pack_size)
+
+
+_MASK = np.zeros(D, bool)
+_MASK[::20] = True
+
+# name -> factory kwargs, for every registered update attack.
+UPDATE_CASES = {
+    "gna": {}, "ipm": {}, "scaling": {}, "sign_flip": {}, "model_replacement": {},
+    "alie": {}, "rop": {}, "mimic": {}, "min_max": {}, "min_sum": {},
+    "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
+    "c_lasa": {}, "index_poisoning": {"pack_size": 3},
+}
+
+
+def test_registry():
+  assert set(UPDATE_CASES) | {"targeted_pgd"} == set(A.update_attack_names())
+  assert set(A.data_attack_names()) == {"label_flip", "pixel_backdoor", "dba",
+                                        "semantic_backdoor", "convergence_prevention"}
+  with pytest.raises(ValueError, match="known update attacks: .*alie"):
+    A.get_update_attack("nope")
+  with pytest.raises(ValueError, match="data attack"):
+    A.get_update_attack("dba")
+  with pytest.raises(ValueError, match="known data attacks: .*dba"):
+    A.get_data_attack("alie")
+
+
+def test_alie_z_max():
+  assert round(float(A.z_max(25, 5)), 3) == 0.253
+  # s = floor(K/2 + 1) - k_m, z = PhiInv((K - k_m - s) / (K - k_m)).
+  from scipy.stats import norm
+  for k, km in [(20, 4), (50, 10), (100, 20), (10, 0)]:
+    s = math.floor(k / 2 + 1) - km
+    assert float(A.z_max(k, km)) == pytest.approx(norm.ppf((k - km - s) / (k - km)), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(UPDATE_CASES))
+def test_only_malicious_rows_change(name):
+  x = _updates()
+  attack = A.get_update_attack(name)(**UPDATE_CASES[name])
+  apply = jax.jit(attack.apply)
+  state = attack.init(D)
+  # The traced k_m changes (0 included) without recompiling.
+  for idx in ([0, 3, 7], [1, 2, 5, 9, 11], []):
+    mal = _mal(idx)
+    out, state = apply(state, x, mal, jax.random.key(len(idx)), _ctx())
+    out = np.asarray(out)
+    changed = np.any(out != np.asarray(x), axis=1)
+    np.testing.assert_array_equal(changed, np.asarray(mal))
+    assert np.all(np.isfinite(out))
+    if name == "c_lasa" and idx:  # per layer, the norm is the benign median norm
+      g = np.asarray(x, np.float64)[~np.asarray(mal)]
+      for sl in LAYOUT.slices():
+        assert np.linalg.norm(out[idx[0], sl]) == pytest.approx(
+            np.median(np.linalg.norm(g[:, sl], axis=1)), rel=1e-4)
+  assert apply._cache_size() == 1
+
+
+def test_alie_ipm_match_numpy():
+  x = _updates()
+  mal = _mal([0, 1, 2])
+  xn = np.asarray(x, np.float64)[3:]
+  mu, sd = xn.mean(0), xn.std(0, ddof=1)
+  out = jax.jit(A.alie().apply)((), x, mal, jax.random.key(0), _ctx())[0]
+  np.testing.assert_allclose(out[0], mu - float(A.z_max(K, 3)) * sd, rtol=1e-4, atol=1e-5)
+  out = jax.jit(A.ipm().apply)((), x, mal, jax.random.key(0), _ctx())[0]
+  np.testing.assert_allclose(out[1], -0.4 * mu, rtol=1e-4, atol=1e-6)
+  # Partial knowledge: statistics of the malicious rows' own honest updates.
+  out = jax.jit(A.ipm(knowledge="partial").apply)((), x, mal, jax.random.key(0), _ctx())[0]
+  np.testing.assert_allclose(out[2], -0.4 * np.asarray(x, np.float64)[:3].mean(0),
+                             rtol=1e-4, atol=1e-6)
+
+
+# The reference starts the bisection at 10 (reachable: < 20); a unit vector
+# needs a larger start for the constraint to be active at d = 900.
+_INIT = {"std": 10.0, "unit_vec": 500.0, "sign": 10.0}
+
+
+def _np_sq(a, b):
+  return float(np.sum((a - b) ** 2))
+
+
+@pytest.mark.parametrize("deviation", ["std", "unit_vec", "sign"])
+def test_min_max_constraint(deviation):
+  x = _updates(seed=1)
+  mal = _mal([0, 4])
+  init = _INIT[deviation]
+  sol = jax.jit(lambda u, m: A.min_max_solve(u, m, deviation, lambda_init=init))(x, mal)
+  g = np.asarray(x, np.float64)[~np.asarray(mal)]
+  thr = max(_np_sq(a, b) for a in g for b in g)
+  mu = g.mean(0)
+  dev = {"std": g.std(0, ddof=1), "unit_vec": mu / np.linalg.norm(mu),
+         "sign": np.sign(mu)}[deviation]
+  lam = float(sol.lam)
+  assert 1e-2 < lam < 1.9 * init
+  worst = lambda l: max(_np_sq(gi, mu - l * dev) for gi in g)
+  assert worst(lam) <= thr * (1 + 1e-5)
+  assert worst(1.01 * lam) > thr
+  np.testing.assert_allclose(sol.malicious, mu - lam * dev, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("deviation", ["std", "unit_vec", "sign"])
+def test_min_sum_constraint(deviation):
+  x = _updates(seed=2)
+  mal = _mal([1, 5, 6])
+  init = _INIT[deviation]
+  sol = jax.jit(lambda u, m: A.min_sum_solve(u, m, deviation, lambda_init=init))(x, mal)
+  g = np.asarray(x, np.float64)[~np.asarray(mal)]
+  thr = min(sum(_np_sq(a, b) for b in g) for a in g)
+  mu = g.mean(0)
+  dev = {"std": g.std(0, ddof=1), "unit_vec": mu / np.linalg.norm(mu),
+         "sign": np.sign(mu)}[deviation]
+  lam = float(sol.lam)
+  assert 1e-2 < lam < 1.9 * init
+  total = lambda l: sum(_np_sq(gi, mu - l * dev) for gi in g)
+  assert total(lam) <= thr * (1 + 1e-5)
+  assert total(1.01 * lam) > thr
+
+
+@pytest.mark.parametrize("stabilize", ["none", "elbow"])
+def test_dhsa_eq20(stabilize):
+  x = _updates(seed=3)
+  mal = _mal([2, 3])
+  sol = jax.jit(lambda u, m: A.dhsa_solve(u, m, _MASK, stabilize=stabilize))(x, mal)
+  m = np.asarray(x, np.float64)[~np.asarray(mal)]
+  kb = m.shape[0]
+  mu = m.mean(0)
+  sigma = m.std(0, ddof=1)
+  if stabilize != "none":
+    thr_s = float(A.stabilization_threshold(jnp.asarray(sigma[_MASK], jnp.float32), stabilize))
+    sigma = np.where(_MASK, np.minimum(sigma, thr_s), sigma)
+  np.testing.assert_allclose(sol.sigma, sigma, rtol=1e-4)
+  dth = max(sum(np.linalg.norm(a - b) for b in m) for a in m) / (kb - 1)
+  assert float(sol.threshold) == pytest.approx(dth, rel=1e-4)
+  lhs = lambda z1: np.mean([np.linalg.norm(mu - z1 * (1 - _MASK) * sigma
+                                           - 1.5 * _MASK * sigma - mi) for mi in m])
+  z1 = float(sol.z1)
+  assert 1e-2 < z1 < 19
+  assert lhs(z1) <= dth * (1 + 1e-5)
+  assert lhs(1.01 * z1) > dth
+  np.testing.assert_allclose(sol.malicious, mu - np.where(_MASK, 1.5, z1) * sigma,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_hsa_formula():
+  x = _updates(seed=4)
+  mal = _mal([0, 1])
+  out = jax.jit(A.hsa(_MASK).apply)((), x, mal, jax.random.key(0), _ctx())[0]
+  g = np.asarray(x, np.float64)[2:]
+  z1 = float(A.z_max(K, 2))
+  expect = g.mean(0) - np.where(_MASK, 1.5, z1) * g.std(0, ddof=1)
+  np.testing.assert_allclose(out[0], expect, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="mask has 10 entries"):
+    A.hsa(np.ones(10, bool)).apply((), x, mal, jax.random.key(0), _ctx())
+
+
+def test_stabilization_threshold():
+  v = jnp.asarray([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 9.0, 10.0], jnp.float32)
+  q1, q3 = np.quantile(np.asarray(v), [0.25, 0.75])
+  assert float(A.stabilization_threshold(v, "iqr")) == pytest.approx(q3 + 1.5 * (q3 - q1))
+  assert float(A.stabilization_threshold(v, "elbow")) == pytest.approx(1.6)
+  assert float(A.stabilization_threshold(v, "none")) == np.inf
+
+
+def test_rop_direction():
+  x = _updates(seed=5)
+  mal = _mal([0])
+  prev = jnp.asarray(np.random.default_rng(0).normal(size=D), jnp.float32)
+  ctx = _ctx().replace(prev_aggregate=prev)
+  out = jax.jit(A.rop().apply)((), x, mal, jax.random.key(0), ctx)[0]
+  g = np.asarray(x, np.float64)[1:]
+  ref = 0.9 * np.asarray(prev) + 0.1 * g.mean(0)
+  pert = np.asarray(out[0], np.float64) - np.asarray(prev)   # pi = 1: located at prev
+  assert np.linalg.norm(pert) == pytest.approx(abs(float(A.z_max(K, 1))), rel=1e-4)
+  assert abs(pert @ ref) / np.linalg.norm(pert) / np.linalg.norm(ref) < 1e-4
+
+
+def test_bottomk_mask():
+  v = jnp.asarray([3.0, -0.5, 0.0, 2.0, -0.5, 7.0])
+  m3, m2 = jax.jit(lambda v: (A.bottomk_mask(v, 3), A.bottomk_mask(v, 2)))(v)
+  np.testing.assert_array_equal(m3, [False, True, True, False, True, False])
+  np.testing.assert_array_equal(m2, [False, True, True, False, False, False])
+
+
+def test_index_poisoning_dominates_target_packs():
+  k, d, p, r = 20, 4000, 4, 0.5
+  n_packs = d // p
+  rng = np.random.default_rng(7)
+  pack_scale = np.repeat(np.exp(rng.normal(size=n_packs)), p)
+  x = jnp.asarray((rng.normal(size=d) + rng.normal(size=(k, d))) * pack_scale, jnp.float32)
+  mal = np.zeros(k, bool)
+  mal[rng.choice(k, 8, replace=False)] = True          # attacker share 0.4
+  attack = A.index_poisoning(topk_ratio=r, target_fraction=0.01)
+  out = jax.jit(attack.apply)((), x, jnp.asarray(mal), jax.random.key(0),
+                              _ctx(d=d, k=k, pack_size=p))[0]
+  _, masks = pack_topk_batch(out, r, p)
+  masks = np.asarray(masks)
+  mal_row = np.abs(np.asarray(out)[mal][0]).reshape(n_packs, p).sum(1)
+  targets = np.argsort(-mal_row, kind="stable")[:10]
+  rho = np.asarray(A.malicious_contributor_ratio(jnp.asarray(masks), jnp.asarray(mal)))
+  # numpy oracle of rho_p = |S_p & malicious| / |S_p|.
+  np.testing.assert_allclose(rho[targets], masks[mal][:, targets].sum(0) / masks[:, targets].sum(0))
+  assert masks[mal][:, targets].all()                   # every attacker keeps them
+  assert rho[targets].min() >= 0.9
+  # Masked value manipulation: the attackers' masks copy the benign pattern.
+  mm = masks[mal][0]
+  jac = [np.sum(mm & b) / np.sum(mm | b) for b in masks[~mal]]
+  benign_jac = [np.sum(a & b) / np.sum(a | b) for a in masks[~mal] for b in masks[~mal]
+                if a is not b]
+  assert np.mean(jac) > np.mean(benign_jac)
+
+
+def test_targeted_pgd():
+  w_true = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+  params = {"w": jnp.zeros((6, 3))}
+  loss_fn = lambda p, x, y: jnp.mean(
+      -jax.nn.log_softmax(x @ p["w"])[jnp.arange(y.shape[0]), y])
+  rng = np.random.default_rng(1)
+  ax = rng.normal(size=(40, 6)).astype(np.float32)
+  ay = np.argmax(ax @ np.asarray(w_true), axis=1).astype(np.int32)
+  u = A.pgd_update(loss_fn, params, ax, ay, clip_norm=0.5, lr=1.0, steps=20,
+                   batch_size=8, key=jax.random.key(0))
+  assert float(jnp.linalg.norm(u)) <= 0.5 + 1e-5
+  local = {"w": params["w"] - u.reshape(6, 3)}
+  assert float(loss_fn(local, ax, ay)) < float(loss_fn(params, ax, ay))
+  v = jnp.asarray([3.0, 4.0])
+  np.testing.assert_allclose(A.project_l2_ball(v, 1.0), [0.6, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(A.project_l2_ball(v * 0.1, 1.0), v * 0.1, rtol=1e-6)
+  np.testing.assert_allclose(A.project_l2_ball(v * 0.1, 1.0, "sphere"), [0.6, 0.8], rtol=1e-6)
+  xa, ya = A.make_auxiliary_set(ax, ay, 10, 3, seed=0)
+  assert xa.shape == (10, 6) and np.all(ya < 3)
+  # As an update attack, from the flat global model.
+  from jax.flatten_util import ravel_pytree
+  flat, unravel = ravel_pytree(params)
+  att = A.targeted_pgd(loss_fn, unravel, ax, ay, clip_norm=0.5, lr=1.0, steps=5)
+  x = jnp.zeros((4, 18))
+  out = jax.jit(att.apply)((), x, _mal([1, 2], 4), jax.random.key(0),
+                           _ctx(d=18, k=4).replace(global_params=flat))[0]
+  np.testing.assert_array_equal(out[1], out[2])
+  assert float(jnp.linalg.norm(out[1])) > 0 and not np.any(np.asarray(out[0]))
+
+
+def test_label_flips():
+  y = jnp.arange(10, dtype=jnp.int32)
+  x = jnp.zeros((10, 4, 4, 1))
+  key = jax.random.key(0)
+  _, yr = A.label_flip(10, "reverse").apply(x, y, key, None)
+  np.testing.assert_array_equal(yr, 9 - np.arange(10))
+  _, yc = A.label_flip(10, "circular").apply(x, y, key, None)
+  np.testing.assert_array_equal(yc, (np.arange(10) + 1) % 10)
+  with pytest.raises(ValueError, match="reverse, circular"):
+    A.label_flip(10, "other")
+
+
+def test_dba_triggers_and_fraction():
+  b = 20
+  x = jnp.asarray(np.random.default_rng(0).random((b, 28, 28, 1)) * 0.5, jnp.float32)
+  y = jnp.full((b,), 3, jnp.int32)
+  attack = A.dba(10, target_label=0, poison_fraction=0.2)
+  trig = A.dba_triggers((28, 28, 1))
+  assert len(trig) == 4
+  assert not np.any(trig[0].mask & trig[1].mask)
+  apply = jax.jit(attack.apply)
+  for rank in range(8):
+    ctx = A.AttackContext(extra={"client_rank": jnp.int32(rank)})
+    xp, yp = apply(x, y, jax.random.key(rank), ctx)
+    xp, yp = np.asarray(xp), np.asarray(yp)
+    poisoned = yp == 0
+    assert poisoned.sum() == 4                           # 20% of 20, exactly
+    stamped = np.any(xp != np.asarray(x), axis=(1, 2, 3))
+    np.testing.assert_array_equal(stamped, poisoned)
+    for i in np.flatnonzero(poisoned):
+      np.testing.assert_array_equal(xp[i, :, :, 0] != np.asarray(x)[i, :, :, 0],
+                                    trig[rank % 4].mask)
+      assert np.all(xp[i, trig[rank % 4].mask, 0] == np.asarray(x).max())
+  # Deterministic from the key.
+  a1 = apply(x, y, jax.random.key(5), ctx)[1]
+  np.testing.assert_array_equal(a1, apply(x, y, jax.random.key(5), ctx)[1])
+  # The ASR test set: non-target samples, global trigger, target label.
+  xt = np.random.default_rng(0).random((30, 28, 28, 1)).astype(np.float32)
+  yt = np.arange(30) % 10
+  xs, ys = A.backdoor_test_set(xt, yt, A.global_trigger(trig), 0)
+  assert xs.shape[0] == 27 and np.all(ys == 0)
+  g = A.global_trigger(trig).mask
+  assert np.all(xs[:, g, 0] == xt.max())
+
+
+def test_other_data_attacks():
+  y = jnp.asarray(np.arange(50) % 10, jnp.int32)
+  x = jnp.zeros((50, 28, 28, 1))
+  key = jax.random.key(0)
+  _, ys = A.semantic_backdoor(10, 7, 1).apply(x, y, key, None)
+  np.testing.assert_array_equal(ys, np.where(np.asarray(y) == 7, 1, y))
+  _, yc = A.convergence_prevention(10).apply(x, y, key, None)
+  assert np.sum(np.asarray(yc) != np.asarray(y)) == 20   # 40% changed
+  xp, yp = A.pixel_backdoor(10, target_label=2, poison_fraction=0.5).apply(
+      x + 0.5, y, key, None)
+  assert np.sum(np.asarray(yp) == 2) >= 25
+
+
+def test_choose_malicious():
+  np.testing.assert_array_equal(A.choose_malicious(5, 2), [1, 1, 0, 0, 0])
+  r = A.choose_malicious(100, 40, "random", seed=3)
+  assert r.sum() == 40
+  np.testing.assert_array_equal(r, A.choose_malicious(100, 40, "random", seed=3))
+  np.testing.assert_array_equal(A.malicious_rank(np.array([0, 1, 0, 1, 1], bool)),
+                                [-1, 0, -1, 1, 2])
+  with pytest.raises(ValueError, match="first, random"):
+    A.choose_malicious(5, 2, "last")
