@@ -8,6 +8,8 @@ update) for every client engine of the round step:
 * ``vmap``: all K clients at once;
 * ``map/B``: ``lax.map`` over chunks of B clients, each chunk vmapped;
 * ``sequential``: ``lax.map`` one client at a time inside the jit;
+* each of them with the client axis split over all host devices (``@N``,
+  ``shard_map``; the CPU is split into one device per core);
 
 against the baseline of sequential simulators: a Python loop over clients
 that calls a jitted single-client trainer, then averages. It also records
@@ -55,6 +57,17 @@ def _time(fn, reps):
   return statistics.median(ts)
 
 
+def _processor() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   """Measured float32 matmul FLOP/s of this backend (best of ``reps``)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -94,11 +107,12 @@ def make_data(num_clients: int, seed: int = 0):
                    jnp.asarray(counts))
 
 
-def bench_engine(model, variables, data, k, engine, chunk, reps):
+def bench_engine(model, variables, data, k, engine, chunk, reps, devices=1):
   ccfg = ClientConfig(optimizer="sgd", lr=0.05, local_steps=LOCAL_STEPS,
                       batch_size=BATCH)
   cfg = RoundConfig(num_clients=k, clients_per_round=k, client=ccfg,
-                    engine=engine, map_batch_size=chunk)
+                    engine=engine, map_batch_size=chunk,
+                    client_devices=devices)
   agg = aggregators.get("fedavg")()
   layout = layout_of(variables["params"])
   step = make_round_step(cfg, model.apply, agg, layout, N_PER_CLIENT)
@@ -209,16 +223,19 @@ def main():
                       help="K in {10, 20} only, fewer repetitions")
   parser.add_argument("--models", default="mlp,cnn2")
   parser.add_argument("--ks", default="10,20,50,100")
-  parser.add_argument("--chunks", default="5,10,25")
+  parser.add_argument("--chunks", default="5,10")
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--out", default="benchmarks/results/round_throughput.json")
   args = parser.parse_args()
+  from fedjax_sparse.simulation.devices import use_cpu_devices
+  use_cpu_devices()
   ks = [10, 20] if args.quick else [int(v) for v in args.ks.split(",")]
   chunks = [int(v) for v in args.chunks.split(",")]
   reps = 1 if args.quick else args.reps
 
   peak = matmul_peak()
   print(f"backend {jax.default_backend()}, {os.cpu_count()} cpus, "
+        f"{jax.local_device_count()} devices, "
         f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
   rows = []
   for name in args.models.split(","):
@@ -235,12 +252,18 @@ def main():
              "flops_per_client_round": flops, "engines": {}}
       print(f"  {name:5s} K={k:3d} step loop  {base_s * 1e3:9.1f} ms   "
             f"client-jit loop {strict_s * 1e3:9.1f} ms", flush=True)
-      engines = [("vmap", 0), ("sequential", 0)]
-      engines += [("map", c) for c in chunks if c < k]
-      for engine, chunk in engines:
+      ndev = jax.local_device_count()
+      engines = [("vmap", 0, 1), ("sequential", 0, 1)]
+      engines += [("map", c, 1) for c in chunks if c < k]
+      if ndev > 1:
+        engines += [("vmap", 0, ndev)]
+        engines += [("map", c, ndev) for c in chunks if c < k // ndev]
+      for engine, chunk, devices in engines:
         label = engine if engine != "map" else f"map/{chunk}"
+        if devices > 1:
+          label += f"@{devices}"
         sec, comp = bench_engine(model, variables, data, k, engine, chunk or 1,
-                                 reps)
+                                 reps, devices)
         row["engines"][label] = {
             "seconds": sec, "compile_s": comp,
             "samples_per_s": samples / sec, "speedup": base_s / sec,
@@ -270,6 +293,8 @@ def main():
           f"{pf_s} | {b['compile_s']:.1f} |")
   out = {
       "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                  "devices": jax.local_device_count(),
+                  "processor": _processor(),
                   "backend": jax.default_backend(),
                   "jax": jax.__version__,
                   "matmul_peak_gflops": peak / 1e9},

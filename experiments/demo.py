@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from fedjax_sparse.simulation.experiment import ExperimentConfig
 
@@ -28,11 +29,14 @@ DEMO = ExperimentConfig(
     dataset="fashion_mnist", partition="dirichlet", alpha=1.0,
     num_clients=20, clients_per_round=20, rounds=20, local_epochs=1,
     batch_size=32, optimizer="sgd", lr=0.05, model="mlp",
-    aggregator="fedavg", engine="vmap", seed=0, eval_every=1)
+    aggregator="fedavg", engine="map", map_batch_size=10, client_devices=0,
+    seed=0, eval_every=1)
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
+  from fedjax_sparse.simulation.devices import use_cpu_devices
+  use_cpu_devices()  # one host device per core, before any JAX operation
   del argv
   cfg = dataclasses.replace(
       DEMO, data_dir=FLAGS.data_dir,
@@ -49,8 +53,16 @@ def main(argv):
 
   print(f"FedAvg on FashionMNIST: {cfg.num_clients} clients, Dirichlet "
         f"alpha={cfg.alpha}, {cfg.rounds} rounds, model={cfg.model}, "
-        f"engine={cfg.engine}")
-  summary = run_experiment(cfg)
+        f"engine={cfg.engine}, {jax.local_device_count()} client devices")
+  try:
+    summary = run_experiment(cfg)
+  except ValueError as e:
+    if "another configuration" not in str(e):
+      raise
+    import shutil
+    print(f"{cfg.output_dir} holds an older demo configuration: starting afresh")
+    shutil.rmtree(cfg.output_dir)
+    summary = run_experiment(cfg)
   records = io.read_jsonl(os.path.join(cfg.output_dir, "rounds.jsonl"))
   print()
   print("| round | train loss | test accuracy | seconds |")

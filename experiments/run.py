@@ -68,6 +68,8 @@ _HELP = {
     "norm": "Normalisation of resnet20: group, batch or none.",
     "engine": "Client engine: vmap, map (lax.map in chunks) or sequential.",
     "map_batch_size": "Clients per chunk of the map engine.",
+    "client_devices": "Devices the client axis is split over (0: all local "
+                      "devices; on CPU the binary makes one device per core).",
     "seed": "Random seed (same seed, same results, bit for bit).",
     "eval_every": "Evaluate on the test set every this many rounds.",
     "eval_batch_size": "Evaluation batch size.",
@@ -103,6 +105,8 @@ def config_from_flags() -> ExperimentConfig:
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
+  from fedjax_sparse.simulation.devices import use_cpu_devices
+  use_cpu_devices()  # one host device per core, before any JAX operation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = config_from_flags()

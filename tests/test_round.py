@@ -218,3 +218,17 @@ def test_bad_round_config(kw, msg):
   cfg = RoundConfig(num_clients=6, clients_per_round=4)
   with pytest.raises(ValueError, match=msg):
     dataclasses.replace(cfg, **kw).validate()
+
+
+@pytest.mark.parametrize("engine,k", [("vmap", 4), ("map", 5)])
+def test_client_devices_agree_with_one_device(engine, k):
+  assert jax.local_device_count() >= 2
+  _, data, _, step_1, st_1 = _setup(engine=engine, map_batch_size=2,
+                                    clients_per_round=k)
+  _, _, _, step_2, st_2 = _setup(engine=engine, map_batch_size=2,
+                                 clients_per_round=k, client_devices=2)
+  st_1, l1 = _run(step_1, st_1, data, 2)
+  st_2, l2 = _run(step_2, st_2, data, 2)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(st_1.params), jax.tree.leaves(st_2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -112,8 +112,9 @@ class ExperimentConfig:
   model: str = "mlp"
   conv_impl: str = "auto"
   norm: str = "group"
-  engine: str = "vmap"
+  engine: str = "map"
   map_batch_size: int = 10
+  client_devices: int = 0
   seed: int = 0
   eval_every: int = 1
   eval_batch_size: int = 1000
@@ -147,6 +148,7 @@ class ExperimentConfig:
                        clients_per_round=self.clients_per_round,
                        client=self.client_config(), engine=self.engine,
                        map_batch_size=self.map_batch_size,
+                       client_devices=self.client_devices,
                        server_lr=self.server_lr,
                        server_optimizer=self.server_optimizer,
                        weighted=self.weighted,

@@ -58,6 +58,11 @@ class RoundConfig:
       ``map_batch_size`` clients, each chunk vmapped) or "sequential"
       (one client after another inside the jit; the reference).
     map_batch_size: chunk size of the "map" engine.
+    client_devices: devices the client axis is split over (``shard_map``
+      over a "clients" mesh axis; each device runs its share of clients with
+      ``engine``); 1 = no split, 0 = every local device. K is padded to a
+      multiple of it with empty clients, which train on nothing and are
+      dropped before aggregation.
     server_lr: server learning rate.
     server_optimizer: "sgd" (theta - lr * u), "momentum" or "adam".
     server_momentum: momentum of the "momentum" server optimizer.
@@ -75,6 +80,7 @@ class RoundConfig:
   client: ClientConfig = ClientConfig()
   engine: str = "vmap"
   map_batch_size: int = 10
+  client_devices: int = 1
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
   server_momentum: float = 0.9
@@ -113,6 +119,8 @@ class RoundConfig:
                        f"{', '.join(ENGINES)}")
     if self.map_batch_size < 1:
       raise ValueError(f"map_batch_size must be >= 1, got {self.map_batch_size}")
+    if self.client_devices < 0:
+      raise ValueError(f"client_devices must be >= 0, got {self.client_devices}")
     if self.server_optimizer not in SERVER_OPTIMIZERS:
       raise ValueError(f"unknown server optimizer {self.server_optimizer!r}; "
                        f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
@@ -216,20 +224,46 @@ def init_server_state(cfg: RoundConfig, variables: PyTree,
 
 
 def run_clients(train_one: Callable, engine: str, map_batch_size: int,
-                shared: tuple, per_client: tuple):
+                shared: tuple, per_client: tuple, mesh=None):
   """Runs ``train_one(*shared, *per_client_i)`` for every client i.
 
   ``per_client`` arrays have a leading client axis; the result does too.
+  With a ``mesh`` (axis "clients"), the client axis is split over its devices
+  with ``shard_map`` and each device runs its share with ``engine``; the
+  leading size must be a multiple of the mesh size.
   """
 
-  def one(xs):
-    return train_one(*shared, *xs)
+  def run_local(shared, per_client):
+    def one(xs):
+      return train_one(*shared, *xs)
 
-  if engine == "vmap":
-    return jax.vmap(one)(per_client)
-  if engine == "map":
-    return jax.lax.map(one, per_client, batch_size=map_batch_size)
-  return jax.lax.map(one, per_client)
+    if engine == "vmap":
+      return jax.vmap(one)(per_client)
+    if engine == "map":
+      return jax.lax.map(one, per_client, batch_size=map_batch_size)
+    return jax.lax.map(one, per_client)
+
+  if mesh is None or mesh.size == 1:
+    return run_local(shared, per_client)
+  from jax.sharding import PartitionSpec as P
+  sharded = jax.shard_map(
+      run_local, mesh=mesh,
+      in_specs=(jax.tree.map(lambda _: P(), shared),
+                jax.tree.map(lambda _: P("clients"), per_client)),
+      out_specs=P("clients"), check_vma=False)
+  return sharded(shared, per_client)
+
+
+def _pad_clients(tree, k_pad: int):
+  """Pads every leaf's leading client axis with zeros to ``k_pad``."""
+  def pad(a):
+    extra = k_pad - a.shape[0]
+    if extra == 0:
+      return a
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jnp.concatenate([a, jax.random.split(a[0], extra)])
+    return jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)])
+  return jax.tree.map(pad, tree)
 
 
 def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator,
@@ -268,6 +302,12 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
   server_opt = make_server_optimizer(cfg)
   momentum_mode = cfg.client.update_mode == "momentum"
   num_k = cfg.clients_per_round
+  mesh = None
+  k_pad = num_k
+  if cfg.client_devices != 1:
+    from fedjax_sparse.simulation.devices import client_mesh
+    mesh = client_mesh(cfg.client_devices)
+    k_pad = -(-num_k // mesh.size) * mesh.size
   sparse = cfg.sparsify == "topk"
   pack_size = cfg.pack_size if sparse else 1
   dense_bits = 32 * d
@@ -306,10 +346,14 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       return train_one(params, model_state, cs if momentum_mode else (), x_all,
                        y_all, idx_row, count, k, psn, actx)
 
+    per_client = (cstate, idx, counts, client_keys, poison, rank)
+    if k_pad != num_k:  # empty clients (count 0) train on nothing
+      per_client = _pad_clients(per_client, k_pad)
     out = run_clients(train_i, cfg.engine, cfg.map_batch_size,
                       (state.params, state.model_state, data.x, data.y,
-                       state.round),
-                      (cstate, idx, counts, client_keys, poison, rank))
+                       state.round), per_client, mesh)
+    if k_pad != num_k:
+      out = jax.tree.map(lambda a: a[:num_k], out)
     updates = out.update  # f32[K, d]
     weights = (counts.astype(jnp.float32) if cfg.weighted
                else jnp.ones((num_k,), jnp.float32))

@@ -1,0 +1,55 @@
+"""Host devices for the client axis.
+
+On XLA:CPU one computation of small per-client matmuls keeps about one core
+busy; splitting the CPU into one JAX device per core and sharding the client
+axis over them (``RoundConfig.client_devices``) runs clients on every core
+(``benchmarks/round_throughput.py``). The split must happen before JAX
+initialises its backends, so binaries call :func:`use_cpu_devices` first thing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import jax
+
+
+def use_cpu_devices(n: Optional[int] = None) -> int:
+  """Asks for ``n`` host CPU devices (default: one per core).
+
+  Only the CPU platform is affected. Must run before any JAX operation; if the
+  backends are already initialised, the existing devices are kept and a
+  warning says so.
+
+  Returns:
+    The number of CPU devices JAX will use.
+  """
+  n = n or os.cpu_count() or 1
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n))
+  except RuntimeError:
+    have = len(jax.devices("cpu"))
+    if have != n:
+      warnings.warn(f"JAX is already initialised with {have} CPU devices; "
+                    f"keeping them (asked for {n})")
+    return have
+  return int(n)
+
+
+def client_mesh(num_devices: int):
+  """A 1-D :class:`jax.sharding.Mesh` named ``"clients"`` over local devices.
+
+  Args:
+    num_devices: devices to use (0: all local devices of the default backend).
+  """
+  import numpy as np
+  from jax.sharding import Mesh
+  devices = jax.local_devices()
+  n = num_devices or len(devices)
+  if n > len(devices):
+    raise ValueError(f"client_devices={n} but only {len(devices)} devices are "
+                     "available (on CPU, start the binary with more host "
+                     "devices or lower --client_devices)")
+  return Mesh(np.array(devices[:n]), ("clients",))
