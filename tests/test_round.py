@@ -137,7 +137,7 @@ def test_round_step_matches_manual_fedavg():
   clients = np.asarray(m["clients"])
   assert len(set(clients.tolist())) == 4
   # Recompute the round by hand from the same keys.
-  _, _, k_train, _, _ = jax.random.split(key, 5)
+  _, _, k_train, _, _, _ = jax.random.split(key, 6)
   keys = jax.random.split(k_train, 4)
   train = make_client_train(TinyMLP().apply, cfg.client, data.idx.shape[1])
   ups, ws = [], []

@@ -41,6 +41,9 @@ from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
 
 PARTITIONS = ("iid", "dirichlet", "shards", "one_class")
 MALICIOUS_MODES = ("first", "random")
+# Rules that need the server to train on its own data each round (the
+# validation split, --val_size): FLTrust's root set.
+SERVER_DATA_RULES = ("fltrust",)
 
 
 def parse_kwargs(text: str, what: str = "arguments") -> dict:
@@ -199,6 +202,9 @@ class ExperimentConfig:
                        f"choose one of {', '.join(MALICIOUS_MODES)}")
     if self.max_train < 0 or self.val_size < 0:
       raise ValueError("max_train and val_size must be >= 0")
+    if self.aggregator in SERVER_DATA_RULES and self.val_size == 0:
+      raise ValueError(f"--aggregator={self.aggregator} needs server data: set "
+                       "--val_size (e.g. 100, FLTrust's root set)")
     if check_data:
       data_lib.check_available(self.dataset, self.data_dir)
 
@@ -256,14 +262,18 @@ class Experiment:
         self.round_config, self.model.apply, self.aggregator, self.layout,
         n_max=self.fd.clients.idx.shape[1],
         has_model_state=self.has_model_state,
-        update_attack=self.update_attack, data_attack=self.data_attack)
+        update_attack=self.update_attack, data_attack=self.data_attack,
+        server_size=(len(self.fd.y_val) if cfg.aggregator in SERVER_DATA_RULES
+                     else 0))
     self.evaluate = make_evaluate(self.model.apply, cfg.eval_batch_size)
     self.data = RoundData(jnp.asarray(self.fd.x_train),
                           jnp.asarray(self.fd.y_train),
                           jnp.asarray(self.fd.clients.idx),
                           jnp.asarray(self.fd.clients.counts),
                           jnp.asarray(malicious),
-                          jnp.asarray(attacks_lib.malicious_rank(malicious)))
+                          jnp.asarray(attacks_lib.malicious_rank(malicious)),
+                          *((jnp.asarray(self.fd.x_val), jnp.asarray(self.fd.y_val))
+                            if cfg.aggregator in SERVER_DATA_RULES else ()))
     self.x_test = jnp.asarray(self.fd.x_test)
     self.y_test = jnp.asarray(self.fd.y_test)
 

@@ -176,6 +176,9 @@ class RoundData(NamedTuple):
     malicious: ``bool[C]`` which clients are malicious (None: nobody).
     rank: ``int32[C]`` each malicious client's index among the attackers
       (-1 for benign clients; DBA picks its trigger by it), or None.
+    x_server, y_server: data held by the server (FLTrust's root set), or
+      None. When given, the server trains on it like a client every round
+      and hands the result to the aggregator as ``ctx.extra["server_update"]``.
   """
 
   x: jax.Array
@@ -184,6 +187,8 @@ class RoundData(NamedTuple):
   counts: jax.Array
   malicious: Optional[jax.Array] = None
   rank: Optional[jax.Array] = None
+  x_server: Optional[jax.Array] = None
+  y_server: Optional[jax.Array] = None
 
 
 def split_variables(variables: PyTree) -> tuple[PyTree, PyTree]:
@@ -269,7 +274,7 @@ def _pad_clients(tree, k_pad: int):
 def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator,
                     layout: Layout, n_max: int, has_model_state: bool = False,
                     update_attack=None, data_attack=None,
-                    jit: bool = True) -> Callable:
+                    server_size: int = 0, jit: bool = True) -> Callable:
   """Builds ``round_step(state, data) -> (state, metrics)``.
 
   Args:
@@ -282,10 +287,17 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     update_attack: an optional :class:`fedjax_sparse.attacks.UpdateAttack`
       (initialise its state with ``init_server_state(..., update_attack)``).
     data_attack: an optional :class:`fedjax_sparse.attacks.DataAttack`.
+    server_size: number of server-held examples (``data.x_server``), 0 if
+      none.
     jit: return the jitted function (with ``state`` donated).
 
   Both attacks act from round ``cfg.attack_start`` on, through the clients
   marked in ``data.malicious``.
+
+  The aggregator's ``ctx.extra`` holds ``clients`` (int32[K] sampled ids, to
+  index per-client state), ``malicious`` (bool[K], for escape-ratio
+  diagnostics only: rules must not use it to decide), ``lr`` (the server
+  learning rate) and, with server data, ``server_update``.
 
   Returns:
     The round step. ``metrics`` holds ``loss`` (mean client training loss),
@@ -300,6 +312,11 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
   train_one = make_client_train(apply_fn, cfg.client, n_max, has_model_state,
                                 data_attack=data_attack)
   server_opt = make_server_optimizer(cfg)
+  # The server trains on its own data (when it has any) with the clients'
+  # settings; its index table is the identity over those examples.
+  train_server = make_client_train(
+      apply_fn, dataclasses.replace(cfg.client, update_mode="delta"),
+      n_max=server_size, has_model_state=has_model_state) if server_size else None
   momentum_mode = cfg.client.update_mode == "momentum"
   num_k = cfg.clients_per_round
   mesh = None
@@ -315,7 +332,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     from fedjax_sparse.sparsify import pack_topk_batch, uplink_bits_from_masks
 
   def round_step(state: ServerState, data: RoundData):
-    key, k_sample, k_train, k_agg, k_attack = jax.random.split(state.key, 5)
+    key, k_sample, k_train, k_agg, k_attack, k_server = jax.random.split(
+        state.key, 6)
     if num_k == cfg.num_clients:
       clients = jnp.arange(num_k, dtype=jnp.int32)
     else:
@@ -379,8 +397,16 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       masks = None
       uplink = jnp.float32(dense_bits * num_k)
 
+    extra = {"clients": clients, "malicious": is_mal,
+             "lr": jnp.float32(cfg.server_lr)}
+    if data.x_server is not None:
+      n_srv = data.x_server.shape[0]
+      srv = train_server(state.params, state.model_state, (), data.x_server,
+                         data.y_server, jnp.arange(n_srv, dtype=jnp.int32),
+                         jnp.int32(n_srv), k_server)
+      extra["server_update"] = srv.update
     ctx = AggContext(round=state.round, global_params=flat_global,
-                     layout=layout, pack_size=pack_size,
+                     extra=extra, layout=layout, pack_size=pack_size,
                      num_byzantine=cfg.num_byzantine, num_clients=num_k)
     agg_out, agg_state = aggregator.apply(state.agg_state, updates, masks,
                                           weights, k_agg, ctx)
