@@ -59,10 +59,12 @@ class CNN2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps ``[N, H, W, C]`` images to ``[N, num_classes]`` logits."""
     c1, c2, fc = self.features
-    x = nn.relu(layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x))
-    x = layers.max_pool(x, 2)
-    x = nn.relu(layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x))
-    x = layers.max_pool(x, 2)
+    # max_pool(relu(z)) == relu(max_pool(z)); pooling first applies ReLU to
+    # a quarter of the values.
+    x = nn.relu(layers.max_pool(
+        layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x), 2))
+    x = nn.relu(layers.max_pool(
+        layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x), 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(fc)(x))
     if self.dropout_rate > 0:
@@ -99,10 +101,12 @@ class LeNet5(nn.Module):
     """Maps ``[N, H, W, C]`` images to ``[N, num_classes]`` logits."""
     del train  # No dropout or normalisation.
     c1, c2, d1, d2 = self.features
-    x = nn.relu(layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x))
-    x = layers.max_pool(x, 2)
-    x = nn.relu(layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x))
-    x = layers.max_pool(x, 2)
+    # max_pool(relu(z)) == relu(max_pool(z)); pooling first applies ReLU to
+    # a quarter of the values.
+    x = nn.relu(layers.max_pool(
+        layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x), 2))
+    x = nn.relu(layers.max_pool(
+        layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x), 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(d1)(x))
     x = nn.relu(nn.Dense(d2)(x))
