@@ -156,11 +156,13 @@ def test_min_sum_constraint(deviation):
   assert total(1.01 * lam) > thr
 
 
-@pytest.mark.parametrize("stabilize", ["none", "elbow"])
-def test_dhsa_eq20(stabilize):
+@pytest.mark.parametrize("stabilize,direction", [
+    ("none", "inv_std"), ("elbow", "inv_std"), ("none", "inv_mean"), ("iqr", "inv_mean")])
+def test_dhsa_eq20(stabilize, direction):
   x = _updates(seed=3)
   mal = _mal([2, 3])
-  sol = jax.jit(lambda u, m: A.dhsa_solve(u, m, _MASK, stabilize=stabilize))(x, mal)
+  sol = jax.jit(lambda u, m: A.dhsa_solve(u, m, _MASK, stabilize=stabilize,
+                                          direction=direction))(x, mal)
   m = np.asarray(x, np.float64)[~np.asarray(mal)]
   kb = m.shape[0]
   mu = m.mean(0)
@@ -171,14 +173,45 @@ def test_dhsa_eq20(stabilize):
   np.testing.assert_allclose(sol.sigma, sigma, rtol=1e-4)
   dth = max(sum(np.linalg.norm(a - b) for b in m) for a in m) / (kb - 1)
   assert float(sol.threshold) == pytest.approx(dth, rel=1e-4)
-  lhs = lambda z1: np.mean([np.linalg.norm(mu - z1 * (1 - _MASK) * sigma
-                                           - 1.5 * _MASK * sigma - mi) for mi in m])
+  # The sign vector from the solver's own mean (a numpy mean could differ in
+  # sign on a coordinate within rounding of 0).
+  sgn = np.where(np.asarray(sol.mu) >= 0, 1.0, -1.0) if direction == "inv_mean" else 1.0
+  lhs = lambda z1: np.mean([np.linalg.norm(mu - sgn * (z1 * (1 - _MASK) * sigma
+                                                       + 1.5 * _MASK * sigma) - mi)
+                            for mi in m])
   z1 = float(sol.z1)
   assert 1e-2 < z1 < 19
   assert lhs(z1) <= dth * (1 + 1e-5)
   assert lhs(1.01 * z1) > dth
-  np.testing.assert_allclose(sol.malicious, mu - np.where(_MASK, 1.5, z1) * sigma,
+  np.testing.assert_allclose(sol.malicious, mu - sgn * np.where(_MASK, 1.5, z1) * sigma,
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["hsa", "dhsa"])
+def test_hsa_inv_mean_direction(name):
+  x = _updates(seed=5)
+  # K = 12, k_m = 5: z_max = PhiInv(5/7) > 0, so every coordinate moves.
+  mal = _mal([0, 4, 5, 8, 11])
+  is_mal = np.asarray(mal)
+  outs = {}
+  for direction in A.HSA_DIRECTIONS:
+    attack = A.get_update_attack(name)(_MASK, direction=direction)
+    outs[direction] = np.asarray(
+        jax.jit(attack.apply)((), x, mal, jax.random.key(0), _ctx())[0])
+    np.testing.assert_array_equal(outs[direction][~is_mal], np.asarray(x)[~is_mal])
+    assert np.all(np.any(outs[direction][is_mal] != np.asarray(x)[is_mal], axis=1))
+  g = np.asarray(x, np.float64)[~is_mal]
+  mu, sigma = g.mean(0), g.std(0, ddof=1)
+  pert = outs["inv_mean"][0] - mu
+  on = (sigma > 0) & (np.abs(mu) > 1e-5)
+  assert on.sum() > 0.99 * D
+  assert np.all(np.sign(pert[on]) == -np.sign(mu[on]))
+  # Same magnitudes as inv_std for HSA (z1 = z_max does not depend on the sign).
+  if name == "hsa":
+    np.testing.assert_allclose(np.abs(pert), np.abs(outs["inv_std"][0] - mu),
+                               rtol=1e-3, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown HSA direction"):
+    A.get_update_attack(name)(_MASK, direction="inv_sign")
 
 
 def test_hsa_formula():

@@ -5,6 +5,9 @@ Update attacks (``get_update_attack(name)(**hyperparameters)``): ``gna``,
 ``mimic``, ``min_max``, ``min_sum``, ``hsa``, ``dhsa``, ``c_lasa``,
 ``index_poisoning``, ``targeted_pgd``.
 
+From flags (name and parsed arguments, mask built on the initial model):
+:func:`build_update_attack`.
+
 Data attacks (``get_data_attack(name)(num_classes, ...)``): ``label_flip``,
 ``pixel_backdoor``, ``dba``, ``semantic_backdoor``,
 ``convergence_prevention``.
@@ -22,13 +25,18 @@ from fedjax_sparse.attacks.update import (MimicState, alie, gna, ipm, mimic,
                                           model_replacement, rop, scaling, sign_flip)
 from fedjax_sparse.attacks.optimized import (DEVIATIONS, OptimizedSolution, min_max,
                                              min_max_solve, min_sum, min_sum_solve)
-from fedjax_sparse.attacks.hsa import (CLASA_SELECTIONS, STABILIZERS, DHSASolution,
-                                       bottomk_mask, c_lasa, dhsa, dhsa_solve, hsa,
+from fedjax_sparse.attacks.hsa import (CLASA_SELECTIONS, HSA_DIRECTIONS, STABILIZERS,
+                                       DHSASolution, bottomk_mask, c_lasa, dhsa,
+                                       dhsa_solve, direction_sign, hsa,
                                        stabilization_threshold)
 from fedjax_sparse.attacks.index_poisoning import (index_poisoning,
                                                    malicious_contributor_ratio)
 from fedjax_sparse.attacks.targeted import (make_auxiliary_set, pgd_update,
                                             project_l2_ball, targeted_pgd)
+from fedjax_sparse.attacks.builder import (MASK_OPTIONS, TARGETED_OPTIONS,
+                                           accepted_arguments, build_update_attack,
+                                           parse_caps, takes_mask,
+                                           targeted_auxiliary_set)
 from fedjax_sparse.attacks.data import (LABEL_MAPPINGS, Trigger, apply_trigger,
                                         backdoor_test_set, choose_rows,
                                         convergence_prevention, dba, dba_triggers,
@@ -45,8 +53,11 @@ __all__ = [
     "scaling", "sign_flip",
     "DEVIATIONS", "OptimizedSolution", "min_max", "min_max_solve", "min_sum",
     "min_sum_solve",
-    "CLASA_SELECTIONS", "STABILIZERS", "DHSASolution", "bottomk_mask", "c_lasa",
-    "dhsa", "dhsa_solve", "hsa", "stabilization_threshold",
+    "CLASA_SELECTIONS", "HSA_DIRECTIONS", "STABILIZERS", "DHSASolution",
+    "bottomk_mask", "c_lasa", "dhsa", "dhsa_solve", "direction_sign", "hsa",
+    "stabilization_threshold",
+    "MASK_OPTIONS", "TARGETED_OPTIONS", "accepted_arguments", "build_update_attack",
+    "parse_caps", "takes_mask", "targeted_auxiliary_set",
     "index_poisoning", "malicious_contributor_ratio",
     "make_auxiliary_set", "pgd_update", "project_l2_ball", "targeted_pgd",
     "LABEL_MAPPINGS", "Trigger", "apply_trigger", "backdoor_test_set",

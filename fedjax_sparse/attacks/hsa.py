@@ -17,9 +17,19 @@ training, from the network topology: :mod:`fedjax_sparse.saliency`)::
   ``{sigma[i] : c[i] = 1}`` is clipped at ``Q3 + 1.5 IQR`` (``"iqr"``) or at
   the elbow of its sorted values (``"elbow"``).
 
+Direction of the perturbation (``direction``, both attacks):
+
+* ``"inv_std"`` (default, Alg. 3): ``malicious = mu - Delta``, the
+  "inverse standard deviation" perturbation of ALIE and Min-Max/Min-Sum.
+* ``"inv_mean"`` (ours): ``malicious = mu - sign(mu) * Delta``
+  coordinate-wise (``sign(0) = +1``): every coordinate is pushed against the
+  sign of the benign mean, the "inverse sign" perturbation of Shejwalkar and
+  Houmansadr's AGR-tailored attacks (NDSS 2021).
+
 The hybrid paper defines no sign options (such as an inverted-std or
-inverted-mean sign) for HSA/DHSA; the only sign manipulation it describes is
-C-LASA's inverted mean sign (Alg. 10), implemented in :func:`c_lasa`.
+inverted-mean sign) for HSA/DHSA: ``"inv_mean"`` is our extension. The only
+sign manipulation the paper describes is C-LASA's inverted mean sign
+(Alg. 10), implemented in :func:`c_lasa`.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from fedjax_sparse.sparsify.topk import topk_mask
 Array = jax.Array
 
 STABILIZERS = ("none", "iqr", "elbow")
+HSA_DIRECTIONS = ("inv_std", "inv_mean")
 CLASA_SELECTIONS = ("least_utilized", "bottom_count")
 
 
@@ -69,6 +80,28 @@ def _check_stabilize(stabilize: str) -> None:
   if stabilize not in STABILIZERS:
     raise ValueError(f"unknown variance stabilisation {stabilize!r}; choose one "
                      f"of {', '.join(STABILIZERS)}")
+
+
+def _check_direction(direction: str) -> None:
+  if direction not in HSA_DIRECTIONS:
+    raise ValueError(f"unknown HSA direction {direction!r}; choose one of "
+                     f"{', '.join(HSA_DIRECTIONS)}")
+
+
+def direction_sign(mu: Array, direction: str) -> Array:
+  """Coordinate-wise sign applied to ``Delta`` (see the module docstring).
+
+  ``"inv_std"``: ones; ``"inv_mean"``: ``sign(mu)`` with ``sign(0) = +1``
+  (ours: a zero mean coordinate is still perturbed, downwards like
+  ``"inv_std"``).
+
+  Returns:
+    ``f32[d]`` of +-1, shaped like ``mu``.
+  """
+  _check_direction(direction)
+  if direction == "inv_std":
+    return jnp.ones_like(mu)
+  return jnp.where(mu >= 0, 1.0, -1.0).astype(mu.dtype)
 
 
 def stabilization_threshold(values: Array, method: str) -> Array:
@@ -111,7 +144,8 @@ def _stabilize(sigma: Array, c: Array, thr: Array) -> Array:
 
 @register_update("hsa")
 def hsa(mask: Any, z2: float = 1.5, z1: Optional[float] = None,
-        knowledge: str = "omniscient", stabilize: str = "none") -> UpdateAttack:
+        knowledge: str = "omniscient", stabilize: str = "none",
+        direction: str = "inv_std") -> UpdateAttack:
   """Static hybrid sparse attack (Alg. 3 option 1, eq. 18).
 
   Args:
@@ -121,11 +155,15 @@ def hsa(mask: Any, z2: float = 1.5, z1: Optional[float] = None,
     z1: scale elsewhere; None for ALIE's ``z_max`` of this round's K, k_m.
     knowledge: ``"omniscient"`` or ``"partial"`` (App. C.3).
     stabilize: ``"none"``, ``"iqr"`` or ``"elbow"`` (App. H).
+    direction: ``"inv_std"`` (``mu - Delta``, Alg. 3) or ``"inv_mean"``
+      (``mu - sign(mu) Delta``; ours, the paper defines no sign options: see
+      the module docstring).
   """
   c_np = _as_mask(mask)
   idx = np.flatnonzero(c_np)
   check_knowledge(knowledge)
   _check_stabilize(stabilize)
+  _check_direction(direction)
 
   def apply(state, updates, is_malicious, key, ctx):
     del key, ctx
@@ -137,14 +175,18 @@ def hsa(mask: Any, z2: float = 1.5, z1: Optional[float] = None,
       sigma = _stabilize(sigma, c, stabilization_threshold(sigma[idx], stabilize))
     zz1 = (_stats.z_max(updates.shape[0], jnp.sum(is_malicious)) if z1 is None
            else jnp.float32(z1))
-    mal = mu - jnp.where(c, jnp.float32(z2), zz1) * sigma
+    delta = jnp.where(c, jnp.float32(z2), zz1) * sigma
+    mal = mu - direction_sign(mu, direction) * delta
     return replace_malicious(updates, is_malicious, mal), state
 
   return UpdateAttack(no_state, apply)
 
 
 class DHSASolution(NamedTuple):
-  """``malicious = mu - z1 (1 - c) sigma - z2 c sigma`` (eq. 18).
+  """``malicious = mu - s * (z1 (1 - c) + z2 c) * sigma`` (eq. 18).
+
+  ``s`` is 1 for ``direction="inv_std"`` and ``sign(mu)`` (``sign(0) = +1``)
+  for ``"inv_mean"`` (:func:`direction_sign`).
 
   Attributes:
     z1: f32 scalar found by bisection.
@@ -163,14 +205,18 @@ class DHSASolution(NamedTuple):
 
 def dhsa_solve(updates: Array, is_malicious: Array, mask: Any, z2: float = 1.5,
                knowledge: str = "omniscient", stabilize: str = "none",
-               lambda_init: float = 10.0, tol: float = 1e-5) -> DHSASolution:
+               lambda_init: float = 10.0, tol: float = 1e-5,
+               direction: str = "inv_std") -> DHSASolution:
   """Solves DHSA's eq. (20) for ``z1`` (see the module docstring).
 
   One pass over the updates gives the centred Gram matrix (for eq. 21's
   pairwise distances) and ``<e_i, a>``, ``<e_i, b>``, ``||a||^2``, ``||b||^2``
-  for ``a = (1 - c) sigma``, ``b = z2 c sigma``, ``e_i = m_i - mu``; then
+  for ``a = s (1 - c) sigma``, ``b = z2 s c sigma``, ``e_i = m_i - mu``,
+  where ``s`` is the direction's sign vector (:func:`direction_sign`; the
+  mean is known inside each column slice of the pass); then
   ``||malicious - m_i||^2 = ||e_i + b + z1 a||^2`` is a quadratic in ``z1``
-  and each bisection step is O(K).
+  and each bisection step is O(K). The constraint of eq. 20 therefore holds
+  for either direction.
 
   Returns:
     :class:`DHSASolution`.
@@ -179,6 +225,7 @@ def dhsa_solve(updates: Array, is_malicious: Array, mask: Any, z2: float = 1.5,
   _check_d(c_np, updates.shape[1], "dhsa")
   check_knowledge(knowledge)
   _check_stabilize(stabilize)
+  _check_direction(direction)
   idx = np.flatnonzero(c_np)
   sel = _stats.knowledge_rows(is_malicious, knowledge)
   cf = jnp.asarray(c_np, updates.dtype)
@@ -191,7 +238,11 @@ def dhsa_solve(updates: Array, is_malicious: Array, mask: Any, z2: float = 1.5,
     sig_c = _stats.mean_std(cols, sel)[1]
     thr = stabilization_threshold(sig_c, stabilize)
     sigma_fn = lambda s, cc: _stabilize(s, cc > 0, thr)
-  vec_fn = lambda m, s, cc: jnp.stack([(1.0 - cc) * s, z2f * cc * s])
+
+  def vec_fn(m, s, cc):
+    sgn = direction_sign(m, direction)
+    return jnp.stack([sgn * (1.0 - cc) * s, sgn * z2f * cc * s])
+
   out = _stats.centered_pass(updates, None, sel, want_sigma=True, want_gram=True,
                              sigma_fn=sigma_fn, vec_fn=vec_fn, aux=(cf,))
   mu = out.mu
@@ -210,14 +261,14 @@ def dhsa_solve(updates: Array, is_malicious: Array, mask: Any, z2: float = 1.5,
 
   z1 = _stats.bisect_max(feasible, lambda_init, tol)
   sigma = out.sigma
-  mal = mu - jnp.where(jnp.asarray(c_np), z2f, z1) * sigma
+  mal = mu - direction_sign(mu, direction) * jnp.where(jnp.asarray(c_np), z2f, z1) * sigma
   return DHSASolution(z1, mu, sigma, threshold, mal)
 
 
 @register_update("dhsa")
 def dhsa(mask: Any, z2: float = 1.5, knowledge: str = "omniscient",
          stabilize: str = "none", lambda_init: float = 10.0,
-         tol: float = 1e-5) -> UpdateAttack:
+         tol: float = 1e-5, direction: str = "inv_std") -> UpdateAttack:
   """Dynamic hybrid sparse attack (Alg. 3 option 2, eqs. 20-21).
 
   Args:
@@ -226,15 +277,19 @@ def dhsa(mask: Any, z2: float = 1.5, knowledge: str = "omniscient",
     knowledge: ``"omniscient"`` or ``"partial"``.
     stabilize: ``"none"``, ``"iqr"`` or ``"elbow"`` (App. H).
     lambda_init, tol: bisection start and final step for ``z1``.
+    direction: ``"inv_std"`` (Alg. 3) or ``"inv_mean"`` (ours, the paper
+      defines no sign options; the bisection bounds eq. 20 for the signed
+      vector, see :func:`dhsa_solve`).
   """
   c_np = _as_mask(mask)
   check_knowledge(knowledge)
   _check_stabilize(stabilize)
+  _check_direction(direction)
 
   def apply(state, updates, is_malicious, key, ctx):
     del key, ctx
     sol = dhsa_solve(updates, is_malicious, c_np, z2, knowledge, stabilize,
-                     lambda_init, tol)
+                     lambda_init, tol, direction)
     return replace_malicious(updates, is_malicious, sol.malicious), state
 
   return UpdateAttack(no_state, apply)

@@ -1,0 +1,131 @@
+"""Tests of fedjax_sparse.attacks.builder: attacks from names and flag arguments."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_sparse import attacks as A
+from fedjax_sparse.layout import layout_of
+from fedjax_sparse.models import get_model
+from fedjax_sparse.saliency import num_target, prunable_mask
+
+K = 6
+_MODEL = get_model("mlp", 4, width=(16,))
+_PARAMS = _MODEL.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
+_LAYOUT = layout_of(_PARAMS)
+D = _LAYOUT.d
+_RNG = np.random.default_rng(0)
+_X = _RNG.normal(size=(40, 6, 6, 1)).astype(np.float32)
+_Y = _RNG.integers(0, 4, size=40).astype(np.int32)
+_IS_MAL = jnp.asarray([True, False, True, False, False, False])
+
+
+def _build(name, kwargs=None, **over):
+  args = dict(layout=_LAYOUT, params=_PARAMS, apply_fn=_MODEL.apply, attacker_x=_X,
+              attacker_y=_Y, key=jax.random.key(1), num_classes=4)
+  args.update(over)
+  return A.build_update_attack(name, kwargs, **args)
+
+
+def _run(attack):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(K, D)), jnp.float32)
+  ctx = A.AttackContext(round=jnp.int32(12), global_params=jnp.zeros(D),
+                        prev_aggregate=jnp.zeros(D), weights=jnp.ones(K),
+                        layout=_LAYOUT, num_clients=K)
+  out, _ = jax.jit(attack.apply)(attack.init(D), x, _IS_MAL, jax.random.key(3), ctx)
+  out, x = np.asarray(out), np.asarray(x)
+  is_mal = np.asarray(_IS_MAL)
+  np.testing.assert_array_equal(out[~is_mal], x[~is_mal])
+  assert np.all(np.any(out[is_mal] != x[is_mal], axis=1))
+  assert np.all(np.isfinite(out))
+  return out
+
+
+def test_parse_caps():
+  assert A.parse_caps("last_dense:0.25,first_conv:0.2") == {"last_dense": 0.25,
+                                                            "first_conv": 0.2}
+  assert A.parse_caps("last_dense:0.25;Dense_0:1") == {"last_dense": 0.25, "Dense_0": 1.0}
+  assert A.parse_caps({"all": 0.5}) == {"all": 0.5}
+  assert A.parse_caps(None) is None and A.parse_caps("none") is None
+  for bad in ("last_dense", "last_dense:x", "last_dense:1.5"):
+    with pytest.raises(ValueError, match="layer cap"):
+      A.parse_caps(bad)
+
+
+def test_hsa_random_mask_and_reports(tmp_path):
+  attack = _build("hsa", {"z2": 2.0, "mask_method": "random", "delta": 0.05},
+                  output_dir=str(tmp_path))
+  rec = json.loads((tmp_path / "mask_densities.json").read_text())
+  mask = rec["masks"]["random"]
+  assert mask["num_kept"] == num_target(D, 0.05)
+  assert rec["meta"]["attack"] == "hsa" and rec["meta"]["delta"] == 0.05
+  assert os.path.getsize(tmp_path / "mask_densities.png") > 0
+  out = _run(attack)
+  # z2 = 2 on exactly the masked coordinates: recover them from the output.
+  x = np.asarray(np.random.default_rng(2).normal(size=(K, D)), np.float64)
+  g = x[~np.asarray(_IS_MAL)]
+  z = (g.mean(0) - out[0]) / g.std(0, ddof=1)
+  assert np.sum(np.abs(z - 2.0) < 1e-3) == mask["num_kept"]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("hsa", {}),
+    ("dhsa", {"caps": "last_dense:0.1", "direction": "inv_mean"})])
+def test_force_mask(tmp_path, name, extra):
+  delta = 0.05
+  attack = _build(name, {"mask_method": "force", "delta": delta, "force_steps": 10,
+                         "num_batches": 2, "batch_size": 16, **extra},
+                  output_dir=str(tmp_path))
+  rec = json.loads((tmp_path / "mask_densities.json").read_text())["masks"]["force"]
+  d_prunable = int(prunable_mask(_LAYOUT).sum())
+  assert rec["num_kept"] == num_target(d_prunable, delta)
+  assert rec["densities"]["Dense_0/bias"] == 0.0  # "force" keeps no critical one
+  if "caps" in extra:
+    assert rec["densities"]["Dense_1/kernel"] <= 0.1 + 1e-9
+  assert os.path.getsize(tmp_path / "mask_densities.png") > 0
+  _run(attack)
+
+
+def test_mask_without_output_dir_writes_nothing(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _build("hsa", {"mask_method": "erk", "delta": 0.1})
+  assert not os.listdir(tmp_path)
+
+
+def test_unknown_arguments_list_accepted():
+  with pytest.raises(ValueError, match=r"'hsa' takes no argument\(s\) zz; it accepts: "
+                     r"z2, z1, .*direction, mask_method, delta, caps"):
+    _build("hsa", {"zz": 1})
+  with pytest.raises(ValueError, match=r"'alie' takes no argument\(s\) delta; it "
+                     r"accepts: z, knowledge"):
+    _build("alie", {"delta": 0.1})
+  with pytest.raises(ValueError, match=r"'gna' .* it accepts: \(none\)"):
+    _build("gna", {"x": 1})
+  with pytest.raises(ValueError, match="unknown update attack"):
+    _build("nope", {})
+  with pytest.raises(ValueError, match="unknown mask method"):
+    _build("hsa", {"mask_method": "magic"})
+  with pytest.raises(ValueError, match="attackers' data"):
+    _build("hsa", {"mask_method": "snip"}, attacker_x=None, attacker_y=None)
+
+
+def test_plain_attack_with_kwargs():
+  out = _run(_build("alie", {"z": 1.0, "knowledge": "partial"},
+                    attacker_x=None, attacker_y=None))
+  x = np.asarray(np.random.default_rng(2).normal(size=(K, D)), np.float64)
+  own = x[np.asarray(_IS_MAL)]
+  np.testing.assert_allclose(out[0], own.mean(0) - own.std(0, ddof=1), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_targeted_pgd_from_attacker_data():
+  attack = _build("targeted_pgd", {"aux_size": 8, "clip_norm": 0.5, "steps": 2})
+  out = _run(attack)
+  assert np.linalg.norm(out[0]) <= 0.5 * (1 + 1e-4)  # the clipping ball
+  np.testing.assert_array_equal(out[0], out[2])
+  ax, ay = A.targeted_auxiliary_set(_X, _Y, 4, size=8, seed=0)
+  assert ax.shape == (8, 6, 6, 1) and ay.shape == (8,)
