@@ -232,3 +232,55 @@ def test_client_devices_agree_with_one_device(engine, k):
   np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(st_1.params), jax.tree.leaves(st_2.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fednova_with_equal_steps_equals_fedavg():
+  cfg_kw = dict(client=ClientConfig(lr=0.1, batch_size=8, local_steps=3))
+  _, data, _, s1, st1 = _setup(**cfg_kw)
+  data2 = _data()
+  model = TinyMLP()
+  variables = model.init(jax.random.key(0), data2.x[:1])
+  cfg = RoundConfig(num_clients=6, clients_per_round=4, **cfg_kw)
+  agg = aggregators.get("fednova")()
+  s2 = make_round_step(cfg, model.apply, agg, layout_of(variables["params"]),
+                       data2.idx.shape[1])
+  st2 = init_server_state(cfg, variables, agg, jax.random.key(1))
+  st1, l1 = _run(s1, st1, data, 2)
+  st2, l2 = _run(s2, st2, data2, 2)
+  for a, b in zip(jax.tree.leaves(st1.params), jax.tree.leaves(st2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fednova_formula_with_unequal_steps():
+  rng = np.random.default_rng(0)
+  u = rng.normal(size=(3, 5)).astype(np.float32)
+  w = np.array([1.0, 2.0, 5.0], np.float32)
+  tau = np.array([2.0, 4.0, 10.0], np.float32)
+  agg = aggregators.get("fednova")()
+  ctx = aggregators.AggContext(round=jnp.int32(0),
+                               extra={"local_steps": jnp.asarray(tau)})
+  out, _ = jax.jit(agg.apply)((), jnp.asarray(u), None, jnp.asarray(w),
+                              jax.random.key(0), ctx)
+  p = w / w.sum()
+  expect = (p * tau).sum() * (p[:, None] * u / tau[:, None]).sum(0)
+  np.testing.assert_allclose(out.update, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_scaffold_first_round_equals_fedavg_then_corrects():
+  _, data, _, s1, st1 = _setup(clients_per_round=6)
+  _, _, _, s2, st2 = _setup(clients_per_round=6, client=ClientConfig(
+      lr=0.1, batch_size=8, local_epochs=1, scaffold=True))
+  st1, _ = s1(st1, data)
+  st2, _ = s2(st2, data)
+  # Zero control variates: the first round is FedAvg's.
+  for a, b in zip(jax.tree.leaves(st1.params), jax.tree.leaves(st2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  c = jax.flatten_util.ravel_pytree(st2.server_control)[0]
+  ci = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(st2.client_state)
+  # c = mean of the c_i (all clients sampled, all started at zero).
+  np.testing.assert_allclose(c, ci.mean(0), rtol=1e-5, atol=1e-6)
+  assert float(jnp.linalg.norm(c)) > 0
+  st1, _ = s1(st1, data)
+  st2, _ = s2(st2, data)
+  assert not np.allclose(jax.flatten_util.ravel_pytree(st1.params)[0],
+                         jax.flatten_util.ravel_pytree(st2.params)[0])

@@ -23,6 +23,20 @@ what it would on its own.
 The local optimizer (optax) is fresh every round (its state is not carried
 across rounds), except the momentum buffer of ``update_mode="momentum"``.
 
+Training-side algorithms of the class-aware masking paper's comparison
+(ALGORITHMS.md section 4):
+
+* FedProx (Li et al., 2020): ``prox_mu > 0`` adds ``mu/2 ||w - w_global||^2``
+  to the local loss.
+* FedNova (Wang et al., 2020): every client reports its number of effective
+  local steps (``ClientOut.steps``); the ``fednova`` aggregator normalises by
+  it.
+* SCAFFOLD (Karimireddy et al., 2020), ``scaffold=True``: each local gradient
+  is corrected by ``c - c_i`` (server and client control variates); after
+  training, ``c_i+ = c_i - c + (w_global - w_local) / (tau * lr)`` (option II
+  of the paper, exact for plain SGD; with other optimizers it uses the same
+  formula). The client state holds ``c_i``; the round step keeps ``c``.
+
 BatchNorm statistics (``model_state``) are updated locally and returned
 separately; they are not part of the update vector (see
 :mod:`fedjax_sparse.models`).
@@ -60,6 +74,7 @@ class ClientConfig:
     batch_size: minibatch size.
     update_mode: "delta" or "momentum" (see the module docstring).
     prox_mu: FedProx proximal coefficient mu (0 = plain local training).
+    scaffold: SCAFFOLD control-variate correction of the local gradients.
   """
 
   optimizer: str = "sgd"
@@ -71,6 +86,7 @@ class ClientConfig:
   batch_size: int = 32
   update_mode: str = "delta"
   prox_mu: float = 0.0
+  scaffold: bool = False
 
   def validate(self) -> None:
     if self.optimizer not in OPTIMIZERS:
@@ -92,6 +108,9 @@ class ClientConfig:
       raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
     if self.weight_decay < 0 or self.prox_mu < 0:
       raise ValueError("weight_decay and prox_mu must be >= 0")
+    if self.scaffold and self.update_mode == "momentum":
+      raise ValueError("scaffold and update_mode=momentum both keep per-client "
+                       "state; use one of them")
 
   def steps_per_round(self, n_max: int) -> int:
     """Number of (possibly no-op) local steps every client runs."""
@@ -120,14 +139,17 @@ class ClientOut(NamedTuple):
     update: ``f32[d]`` flat update (delta or momentum, see module docstring).
     model_state: the client's final non-parameter collections (BatchNorm
       statistics), ``{}`` for models without any.
-    client_state: the client's new persistent state (momentum buffer) or ().
+    client_state: the client's new persistent state (momentum buffer or
+      SCAFFOLD control variate) or ().
     loss: mean training loss over the client's local steps.
+    steps: number of local steps that saw data (FedNova's tau_i).
   """
 
   update: jax.Array
   model_state: PyTree
   client_state: PyTree
   loss: jax.Array
+  steps: jax.Array
 
 
 def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -180,9 +202,10 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
 
   Returns:
     ``train(params, model_state, client_state, x_all, y_all, idx_row, count,
-    key, poison=False, attack_ctx=None) -> ClientOut``. ``client_state`` is
-    the client's momentum buffer (a params-shaped pytree) in momentum mode,
-    else ``()``. ``poison`` (bool scalar) switches the data attack on for
+    key, poison=False, attack_ctx=None, server_control=None) -> ClientOut``.
+    ``client_state`` is the client's momentum buffer (a params-shaped pytree)
+    in momentum mode, its control variate ``c_i`` with ``scaffold``, else
+    ``()``; ``server_control`` is SCAFFOLD's ``c``. ``poison`` (bool scalar) switches the data attack on for
     this client; ``attack_ctx`` is the attack's context (round, the client's
     rank among the attackers).
   """
@@ -212,8 +235,11 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train(params, model_state, client_state, x_all, y_all, idx_row, count,
-            key, poison=False, attack_ctx=None):
+            key, poison=False, attack_ctx=None, server_control=None):
     global_params = params
+    if cfg.scaffold:
+      correction = jax.tree.map(lambda c, ci: c - ci, server_control,
+                                client_state)
     k_pos, k_attack = jax.random.split(key)
     pos, valid = _batch_positions(cfg, n_max, count, k_pos)
     steps = jnp.arange(pos.shape[0], dtype=jnp.int32)
@@ -237,6 +263,8 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
         x = jnp.where(poison, xa.astype(x.dtype), x)
         y = jnp.where(poison, ya.astype(y.dtype), y)
       (_, (loss, new_ms)), g = grad_fn(p, ms, global_params, x, y, ex_mask)
+      if cfg.scaffold:
+        g = jax.tree.map(jnp.add, g, correction)
       live = jnp.any(valid_s)
       if momentum_mode:
         if cfg.weight_decay > 0:
@@ -266,7 +294,13 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
     else:
       update = ravel_pytree(global_params)[0] - ravel_pytree(p)[0]
       new_client_state = client_state
+      if cfg.scaffold:
+        scale = 1.0 / (jnp.maximum(n_steps, 1.0) * cfg.lr)
+        new_client_state = jax.tree.map(
+            lambda ci, c, g0, w: jnp.where(n_steps > 0,
+                                           ci - c + (g0 - w) * scale, ci),
+            client_state, server_control, global_params, p)
     loss = loss_sum / jnp.maximum(n_steps, 1.0)
-    return ClientOut(update, ms, new_client_state, loss)
+    return ClientOut(update, ms, new_client_state, loss, n_steps)
 
   return train

@@ -148,6 +148,8 @@ class ServerState:
     client_state: per-client persistent state with a leading ``[C]`` axis
       (momentum buffers in momentum mode), or ().
     attack_state: the update attack's state, or ().
+    server_control: SCAFFOLD's server control variate ``c`` (params-shaped),
+      or ().
     prev_aggregate: ``f32[d]`` last round's aggregated update (zeros at
       the start; ROP and similar attacks build on it).
     round: int32 number of finished rounds.
@@ -160,6 +162,7 @@ class ServerState:
   agg_state: PyTree
   client_state: PyTree
   attack_state: PyTree
+  server_control: PyTree
   prev_aggregate: jax.Array
   round: jax.Array
   key: jax.Array
@@ -208,7 +211,7 @@ def init_server_state(cfg: RoundConfig, variables: PyTree,
   """
   params, model_state = split_variables(variables)
   d = ravel_pytree(params)[0].size
-  if cfg.client.update_mode == "momentum":
+  if cfg.client.update_mode == "momentum" or cfg.client.scaffold:
     client_state = jax.tree.map(
         lambda p: jnp.zeros((cfg.num_clients,) + p.shape, p.dtype), params)
   else:
@@ -220,6 +223,8 @@ def init_server_state(cfg: RoundConfig, variables: PyTree,
       agg_state=aggregator.init(d),
       client_state=client_state,
       attack_state=update_attack.init(d) if update_attack is not None else (),
+      server_control=(jax.tree.map(jnp.zeros_like, params)
+                      if cfg.client.scaffold else ()),
       prev_aggregate=jnp.zeros((d,), jnp.float32),
       round=jnp.int32(0),
       key=key)
@@ -318,6 +323,7 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       apply_fn, dataclasses.replace(cfg.client, update_mode="delta"),
       n_max=server_size, has_model_state=has_model_state) if server_size else None
   momentum_mode = cfg.client.update_mode == "momentum"
+  stateful = momentum_mode or cfg.client.scaffold
   num_k = cfg.clients_per_round
   mesh = None
   k_pad = num_k
@@ -350,26 +356,26 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
             else jnp.full((num_k,), -1, jnp.int32))
     attack_active = state.round + 1 >= cfg.attack_start
     poison = is_mal & attack_active
-    if momentum_mode:
+    if stateful:
       cstate = jax.tree.map(lambda a: a[clients], state.client_state)
     else:
       cstate = jnp.zeros((num_k,), jnp.int32)  # placeholder with a client axis
 
-    def train_i(params, model_state, x_all, y_all, rnd, cs, idx_row, count, k,
-                psn, rk):
+    def train_i(params, model_state, x_all, y_all, rnd, control, cs, idx_row,
+                count, k, psn, rk):
       actx = None
       if data_attack is not None:
         from fedjax_sparse.attacks import AttackContext
         actx = AttackContext(round=rnd, extra={"client_rank": rk})
-      return train_one(params, model_state, cs if momentum_mode else (), x_all,
-                       y_all, idx_row, count, k, psn, actx)
+      return train_one(params, model_state, cs if stateful else (), x_all,
+                       y_all, idx_row, count, k, psn, actx, control)
 
     per_client = (cstate, idx, counts, client_keys, poison, rank)
     if k_pad != num_k:  # empty clients (count 0) train on nothing
       per_client = _pad_clients(per_client, k_pad)
     out = run_clients(train_i, cfg.engine, cfg.map_batch_size,
                       (state.params, state.model_state, data.x, data.y,
-                       state.round), per_client, mesh)
+                       state.round, state.server_control), per_client, mesh)
     if k_pad != num_k:
       out = jax.tree.map(lambda a: a[:num_k], out)
     updates = out.update  # f32[K, d]
@@ -398,7 +404,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       uplink = jnp.float32(dense_bits * num_k)
 
     extra = {"clients": clients, "malicious": is_mal,
-             "lr": jnp.float32(cfg.server_lr)}
+             "lr": jnp.float32(cfg.server_lr),
+             "local_steps": out.steps.astype(jnp.float32)}
     if data.x_server is not None:
       n_srv = data.x_server.shape[0]
       srv = train_server(state.params, state.model_state, (), data.x_server,
@@ -420,16 +427,24 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                                  out.model_state)
     else:
       model_state = state.model_state
-    if momentum_mode:
+    if stateful:
       client_state = jax.tree.map(lambda full, new: full.at[clients].set(new),
                                   state.client_state, out.client_state)
     else:
       client_state = state.client_state
+    server_control = state.server_control
+    if cfg.client.scaffold:
+      # c <- c + |S|/N * mean_i (c_i+ - c_i)  (SCAFFOLD Alg. 1, line 17).
+      server_control = jax.tree.map(
+          lambda c, new, old: c + (num_k / cfg.num_clients) * jnp.mean(
+              new - old, axis=0),
+          state.server_control, out.client_state, cstate)
 
     new_state = ServerState(params=params, model_state=model_state,
                             opt_state=opt_state, agg_state=agg_state,
                             client_state=client_state,
                             attack_state=attack_state,
+                            server_control=server_control,
                             prev_aggregate=agg_out.update.astype(jnp.float32),
                             round=state.round + 1, key=key)
     flagged = agg_out.acceptance <= 0
