@@ -9,8 +9,10 @@ Outputs in ``output_dir`` (all written atomically):
 
 * ``config.json``: the configuration;
 * ``rounds.jsonl``: one JSON record per round (round, loss, seconds, and test
-  loss/accuracy on evaluation rounds);
-* ``summary.json``: final metrics and timings;
+  loss/accuracy on evaluation rounds; ``asr``, the attack success rate, on
+  evaluation rounds of a backdoor data attack);
+* ``summary.json``: final metrics and timings (``final_asr`` for backdoor
+  attacks);
 * ``checkpoint.npz``: the server state after the last finished round. A
   killed run started again with the same configuration and output directory
   resumes from it without losing finished rounds.
@@ -31,6 +33,7 @@ import numpy as np
 
 from fedjax_sparse import aggregators as aggregators_lib
 from fedjax_sparse import data as data_lib
+from fedjax_sparse import metrics as metrics_lib
 from fedjax_sparse import models as models_lib
 from fedjax_sparse.client.local import ClientConfig
 from fedjax_sparse.layout import layout_of
@@ -276,6 +279,14 @@ class Experiment:
                             if cfg.aggregator in SERVER_DATA_RULES else ()))
     self.x_test = jnp.asarray(self.fd.x_test)
     self.y_test = jnp.asarray(self.fd.y_test)
+    # Backdoor data attacks: the triggered non-target test set whose accuracy
+    # (labels = the target) is the attack success rate (ALGORITHMS.md s. 7).
+    self.x_asr = self.y_asr = None
+    if cfg.attack in metrics_lib.BACKDOOR_ATTACKS:
+      x_asr, y_asr = metrics_lib.backdoor_eval_set(
+          cfg.attack, attack_kwargs, self.fd.x_test, self.fd.y_test)
+      if len(y_asr):
+        self.x_asr, self.y_asr = jnp.asarray(x_asr), jnp.asarray(y_asr)
 
   def init_state(self):
     return init_server_state(self.round_config, self.variables,
@@ -285,6 +296,17 @@ class Experiment:
     out = self.evaluate(state.params, state.model_state, self.x_test,
                         self.y_test)
     return {k: float(v) for k, v in out.items()}
+
+  @property
+  def has_asr(self) -> bool:
+    return self.x_asr is not None
+
+  def asr_state(self, state) -> float:
+    """Attack success rate: the jitted evaluation's accuracy on the
+    triggered non-target test set labelled with the target."""
+    out = self.evaluate(state.params, state.model_state, self.x_asr,
+                        self.y_asr)
+    return float(out["accuracy"])
 
 
 def _config_dict(cfg: ExperimentConfig) -> dict:
@@ -356,6 +378,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       ev = exp.eval_state(state)
       rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
                   "top5_accuracy": ev["top5_accuracy"]})
+      if exp.has_asr:
+        rec["asr"] = exp.asr_state(state)
       last_eval = rec
     records.append(rec)
     if out_dir:
@@ -365,6 +389,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       post = {"loss": f"{loss:.3f}", "s/round": f"{seconds:.2f}"}
       if last_eval is not None:
         post["acc"] = f"{last_eval['accuracy']:.4f}"
+        if "asr" in last_eval:
+          post["asr"] = f"{last_eval['asr']:.4f}"
       bar.set_postfix(post)
       bar.update(1)
   if bar is not None:
@@ -388,6 +414,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       "mean_fpr": _mean([x.get("fpr") for x in records if x.get("attack_active")]),
       "backend": jax.default_backend(),
   }
+  if exp.has_asr:
+    summary["final_asr"] = last_eval.get("asr") if last_eval else None
   if out_dir:
     io.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary

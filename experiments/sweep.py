@@ -1,0 +1,599 @@
+r"""Runs a grid of attacks x defences x malicious fractions x top-k ratios x seeds.
+
+Example::
+
+  python -m experiments.sweep --flagfile=experiments/configs/flare_sweep.flags
+  python -m experiments.sweep --flagfile=experiments/configs/flare_sweep.flags \
+      --attacks=none,ipm --aggregators=fedavg,median --seeds=0,1 \
+      --output_dir=runs/small
+  python -m experiments.sweep --flagfile=... --report_only
+
+Every flag of ``experiments.run`` (every field of
+:class:`fedjax_sparse.simulation.ExperimentConfig`) sets the base
+configuration; the grid flags below replace one field per cell (an empty grid
+flag keeps the base value: ``--attacks`` empty runs ``--attack``). Each cell
+runs with :func:`run_experiment` into ``<output_dir>/<cell name>/``, so
+
+* a killed cell started again resumes from its last finished round (its
+  ``checkpoint.npz``);
+* a cell whose ``summary.json`` holds the same configuration is skipped.
+
+``none`` is an attack (no attackers: the cell's malicious fraction is 0, and
+one such cell per defence, ratio and seed is run whatever
+``--malicious_fractions`` says). Names may be written as the papers write
+them (``lfa``, ``bit_flip``; ``cm``, ``tm``, ``cc``).
+
+Attack and aggregator hyperparameters that differ per name go in
+``--attack_args_by_name`` / ``--aggregator_args_by_name``, e.g.
+``'ipm:eps=0.4;label_flip:mapping=circular'``; a name without an entry gets
+``--attack_args`` / ``--aggregator_args``.
+
+After the cells (or right away with ``--report_only``) the binary writes,
+atomically, into ``--output_dir``:
+
+* ``results.csv``: one row per cell;
+* ``results.md``: final accuracy (mean over seeds), attacks as rows and
+  defences as columns, one table per (malicious fraction, top-k ratio), and
+  the final attack success rate of backdoor attacks;
+* ``heatmap.png``: the same accuracy tables as annotated heatmaps;
+* ``curves_<attack>.png``: test accuracy (and ASR) per round of every
+  defence under that attack (mean over seeds), the attack start marked.
+
+Every cell is checked (names, ranges, hyperparameters, the dataset) before
+any is run; a bad flag fails with a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import inspect
+import io as _io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+# Importing the single-run binary defines one flag per ExperimentConfig field.
+from experiments import run as run_lib  # noqa: F401
+from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation.experiment import ExperimentConfig, parse_kwargs
+
+flags.DEFINE_list("attacks", [], "Attacks of the grid (comma-separated; "
+                  "'none' = no attack). Empty: --attack.")
+flags.DEFINE_list("aggregators", [], "Defences (aggregators) of the grid. "
+                  "Empty: --aggregator.")
+flags.DEFINE_list("malicious_fractions", [], "Malicious fractions of the grid. "
+                  "Empty: --malicious_fraction.")
+flags.DEFINE_list("topk_ratios", [], "Top-k ratios of the grid (needs "
+                  "--sparsify=topk when more than one). Empty: --topk_ratio.")
+flags.DEFINE_list("seeds", [], "Seeds of the grid. Empty: --seed.")
+flags.DEFINE_string("attack_args_by_name", "", "Per-attack hyperparameters: "
+                    "'name:k=v,k=v;name:k=v' (others get --attack_args).")
+flags.DEFINE_string("aggregator_args_by_name", "", "Per-aggregator "
+                    "hyperparameters: 'name:k=v,k=v;name:k=v' (others get "
+                    "--aggregator_args).")
+flags.DEFINE_boolean("report_only", False, "Do not run: write the report "
+                     "from the cells already on disk.")
+flags.DEFINE_boolean("cell_progress", False, "Show a progress bar per cell.")
+FLAGS = flags.FLAGS
+
+# Names as the papers write them -> registry names.
+ATTACK_ALIASES = {"lfa": "label_flip", "bit_flip": "sign_flip",
+                  "bitflip": "sign_flip"}
+AGGREGATOR_ALIASES = {"cm": "median", "tm": "trimmed_mean",
+                      "cc": "centered_clipping", "mkrum": "multi_krum",
+                      "m_krum": "multi_krum"}
+# Fields of ExperimentConfig that decide the federated data (cells that agree
+# on them share one FederatedData).
+_DATA_FIELDS = ("dataset", "data_dir", "max_train", "val_size", "partition",
+                "alpha", "shards_per_client", "min_samples", "num_clients",
+                "seed")
+CSV_COLUMNS = ("cell", "status", "attack", "aggregator", "malicious_fraction",
+               "sparsify", "topk_ratio", "seed", "rounds", "final_accuracy",
+               "best_accuracy", "final_top5_accuracy", "final_asr",
+               "mean_tpr", "mean_fpr", "uplink_bits_total",
+               "downlink_bits_total", "wall_seconds", "compile_seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One configuration of the grid and where its results go."""
+
+  name: str
+  config: ExperimentConfig
+
+  @property
+  def attack(self) -> str:
+    return self.config.attack
+
+  @property
+  def aggregator(self) -> str:
+    return self.config.aggregator
+
+  @property
+  def malicious_fraction(self) -> float:
+    return self.config.malicious_fraction
+
+  @property
+  def topk_ratio(self) -> Optional[float]:
+    return self.config.topk_ratio if self.config.sparsify == "topk" else None
+
+  @property
+  def seed(self) -> int:
+    return self.config.seed
+
+  @property
+  def dir(self) -> str:
+    return self.config.output_dir
+
+
+def _num(x: float) -> str:
+  return f"{x:g}"
+
+
+def cell_name(cfg: ExperimentConfig) -> str:
+  """``<attack>__<aggregator>__mf<fraction>__topk<ratio>|dense__seed<seed>``."""
+  ratio = f"topk{_num(cfg.topk_ratio)}" if cfg.sparsify == "topk" else "dense"
+  return (f"{cfg.attack}__{cfg.aggregator}__mf{_num(cfg.malicious_fraction)}"
+          f"__{ratio}__seed{cfg.seed}")
+
+
+def parse_args_by_name(text: str, what: str) -> dict[str, str]:
+  """``'ipm:eps=0.4;label_flip:mapping=circular'`` -> ``{name: args}``."""
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if ":" not in item:
+      raise ValueError(f"bad --{what}_args_by_name entry {item!r}: write "
+                       f"'name:k=v,k=v' entries separated by ';'")
+    name, args = (t.strip() for t in item.split(":", 1))
+    parse_kwargs(args, f"{what}_args of {name}")
+    out[name] = args
+  return out
+
+
+def _floats(values: Sequence[str], flag: str) -> list[float]:
+  out = []
+  for v in values:
+    try:
+      out.append(float(v))
+    except ValueError:
+      raise ValueError(f"--{flag} takes numbers separated by commas, got "
+                       f"{v!r}") from None
+  return out
+
+
+def _ints(values: Sequence[str], flag: str) -> list[int]:
+  out = []
+  for v in values:
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise ValueError(f"--{flag} takes integers separated by commas, got "
+                       f"{v!r}") from None
+  return out
+
+
+def _canonical(name: str, aliases: dict) -> str:
+  name = name.strip()
+  return aliases.get(name.lower(), name)
+
+
+def make_cells(base: ExperimentConfig,
+               attacks: Sequence[str] = (),
+               aggregators: Sequence[str] = (),
+               malicious_fractions: Sequence[float] = (),
+               topk_ratios: Sequence[float] = (),
+               seeds: Sequence[int] = (),
+               attack_args_by_name: Optional[dict] = None,
+               aggregator_args_by_name: Optional[dict] = None) -> list[Cell]:
+  """The grid's cells (seed-major, deduplicated), each with its own
+  ``output_dir`` under ``base.output_dir``.
+
+  An empty sequence keeps the base configuration's value. Attack ``"none"``
+  forces the malicious fraction to 0 (and drops the attack arguments).
+  """
+  attacks = [_canonical(a, ATTACK_ALIASES) for a in attacks] or [base.attack]
+  aggregators = ([_canonical(a, AGGREGATOR_ALIASES) for a in aggregators]
+                 or [base.aggregator])
+  fractions = list(malicious_fractions) or [base.malicious_fraction]
+  ratios = list(topk_ratios) or [base.topk_ratio]
+  seeds = list(seeds) or [base.seed]
+  attack_args_by_name = {_canonical(k, ATTACK_ALIASES): v for k, v in
+                         (attack_args_by_name or {}).items()}
+  aggregator_args_by_name = {_canonical(k, AGGREGATOR_ALIASES): v for k, v in
+                             (aggregator_args_by_name or {}).items()}
+  if base.sparsify != "topk" and len(set(ratios)) > 1:
+    raise ValueError("--topk_ratios has several values but --sparsify="
+                     f"{base.sparsify}: set --sparsify=topk")
+  from fedjax_sparse import aggregators as aggregators_lib
+  from fedjax_sparse import attacks as attacks_lib
+  for name in attack_args_by_name:
+    if name not in attacks_lib.names():
+      raise ValueError(f"--attack_args_by_name names an unknown attack "
+                       f"{name!r}; known attacks: {', '.join(attacks_lib.names())}")
+  for name in aggregator_args_by_name:
+    if name not in aggregators_lib.names():
+      raise ValueError(f"--aggregator_args_by_name names an unknown "
+                       f"aggregator {name!r}; known aggregators: "
+                       f"{', '.join(aggregators_lib.names())}")
+  root = base.output_dir
+  cells: dict[str, Cell] = {}
+  for seed in seeds:
+    for attack in attacks:
+      for agg in aggregators:
+        for frac in fractions:
+          for ratio in ratios:
+            cfg = dataclasses.replace(
+                base, attack=attack, aggregator=agg, seed=int(seed),
+                malicious_fraction=0.0 if attack == "none" else float(frac),
+                attack_args=("" if attack == "none" else
+                             attack_args_by_name.get(attack, base.attack_args)),
+                aggregator_args=aggregator_args_by_name.get(
+                    agg, base.aggregator_args),
+                topk_ratio=float(ratio))
+            name = cell_name(cfg)
+            if name not in cells:
+              cfg = dataclasses.replace(
+                  cfg, output_dir=os.path.join(root, name) if root else "")
+              cells[name] = Cell(name, cfg)
+  return list(cells.values())
+
+
+def config_from_flag_values(fv: flags.FlagValues) -> ExperimentConfig:
+  """The base configuration from parsed flags (as ``experiments.run`` does)."""
+  kwargs = {f.name: getattr(fv, f.name)
+            for f in dataclasses.fields(ExperimentConfig)}
+  if kwargs["data_dir"] == "":
+    kwargs["data_dir"] = None
+  return ExperimentConfig(**kwargs)
+
+
+def cells_from_flags(fv: flags.FlagValues = FLAGS) -> list[Cell]:
+  """The grid described by parsed flags (raises ValueError on bad values)."""
+  base = config_from_flag_values(fv)
+  return make_cells(
+      base, fv.attacks, fv.aggregators,
+      _floats(fv.malicious_fractions, "malicious_fractions"),
+      _floats(fv.topk_ratios, "topk_ratios"), _ints(fv.seeds, "seeds"),
+      parse_args_by_name(fv.attack_args_by_name, "attack"),
+      parse_args_by_name(fv.aggregator_args_by_name, "aggregator"))
+
+
+def _check_hyperparameters(cfg: ExperimentConfig) -> None:
+  """Builds the aggregator and binds the attack's arguments (no compiling)."""
+  from fedjax_sparse import aggregators as aggregators_lib
+  from fedjax_sparse import attacks as attacks_lib
+  kwargs = parse_kwargs(cfg.aggregator_args)
+  try:
+    aggregators_lib.get(cfg.aggregator)(**kwargs)
+  except TypeError as e:
+    raise ValueError(f"cannot build aggregator {cfg.aggregator!r} with "
+                     f"arguments {kwargs}: {e}; set them with "
+                     "--aggregator_args_by_name or --aggregator_args") from None
+  if cfg.attack == "none":
+    return
+  kwargs = parse_kwargs(cfg.attack_args)
+  if attacks_lib.is_update_attack(cfg.attack):
+    factory, fixed = attacks_lib.get_update_attack(cfg.attack), {}
+  else:
+    factory = attacks_lib.get_data_attack(cfg.attack)
+    fixed = {"num_classes": 2}  # only bound, never built: the data decides C
+  try:
+    inspect.signature(factory).bind(**fixed, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"cannot build attack {cfg.attack!r} with arguments "
+                     f"{kwargs}: {e}; set them with --attack_args_by_name or "
+                     "--attack_args (array arguments such as HSA's mask "
+                     "cannot be given as flags)") from None
+
+
+def check_cells(cells: Sequence[Cell], check_data: bool = True) -> None:
+  """Validates every cell before any runs; raises ValueError naming the cell."""
+  if not cells:
+    raise ValueError("the grid is empty")
+  for i, cell in enumerate(cells):
+    try:
+      cell.config.validate(check_data=check_data and i == 0)
+      _check_hyperparameters(cell.config)
+    except ValueError as e:
+      raise ValueError(f"cell {cell.name}: {e}") from None
+
+
+def _config_dict(cfg: ExperimentConfig) -> dict:
+  d = dataclasses.asdict(cfg)
+  d.pop("output_dir")
+  return json.loads(json.dumps(d))
+
+
+def _read_json(path: str) -> Optional[dict]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def finished(cell: Cell) -> bool:
+  """Whether the cell's ``summary.json`` holds a run of its configuration."""
+  summary = _read_json(os.path.join(cell.dir, "summary.json"))
+  return bool(summary) and summary.get("config") == _config_dict(cell.config)
+
+
+def run_cells(cells: Sequence[Cell], progress: bool = False,
+              log=print) -> dict[str, str]:
+  """Runs (or resumes, or skips) every cell in order.
+
+  A cell that fails (e.g. a rule's requirement on K and f that only shows
+  when the round step is traced) is recorded in ``<cell>/error.txt`` and the
+  sweep goes on.
+
+  Returns:
+    cell name -> ``"skipped"``, ``"ran"`` or ``"failed: <message>"``.
+  """
+  from fedjax_sparse.simulation.experiment import build_data, run_experiment
+  status = {}
+  data_key, fd = None, None
+  for i, cell in enumerate(cells):
+    tag = f"[{i + 1}/{len(cells)}] {cell.name}"
+    if finished(cell):
+      status[cell.name] = "skipped"
+      log(f"{tag}: finished before, skipped")
+      continue
+    key = tuple(getattr(cell.config, f) for f in _DATA_FIELDS)
+    t0 = time.perf_counter()
+    try:
+      if key != data_key:
+        data_key, fd = None, None  # free the old arrays before loading
+        fd = build_data(cell.config)
+        data_key = key
+      summary = run_experiment(cell.config, progress=progress, fd=fd)
+    except (ValueError, FileNotFoundError) as e:
+      status[cell.name] = f"failed: {e}"
+      io.atomic_write_text(os.path.join(cell.dir, "error.txt"), f"{e}\n")
+      log(f"{tag}: FAILED: {e}")
+      continue
+    err = os.path.join(cell.dir, "error.txt")
+    if os.path.exists(err):
+      os.unlink(err)
+    status[cell.name] = "ran"
+    msg = f"accuracy {summary['final_accuracy']:.4f}"
+    if summary.get("final_asr") is not None:
+      msg += f", ASR {summary['final_asr']:.4f}"
+    log(f"{tag}: {msg} ({time.perf_counter() - t0:.1f} s)")
+  return status
+
+
+# ----------------------------------------------------------------- report --
+
+
+def _load(cell: Cell) -> tuple[str, Optional[dict], list[dict]]:
+  summary = _read_json(os.path.join(cell.dir, "summary.json"))
+  if summary is not None and summary.get("config") != _config_dict(cell.config):
+    summary = None  # another configuration (e.g. fewer rounds): not a result
+  rounds_path = os.path.join(cell.dir, "rounds.jsonl")
+  records = io.read_jsonl(rounds_path) if os.path.exists(rounds_path) else []
+  if summary is not None:
+    status = "done"
+  elif os.path.exists(os.path.join(cell.dir, "error.txt")):
+    with open(os.path.join(cell.dir, "error.txt")) as f:
+      status = "failed: " + f.read().strip()
+  elif records:
+    status = f"partial ({records[-1]['round']}/{cell.config.rounds} rounds)"
+  else:
+    status = "missing"
+  return status, summary, records
+
+
+def _row(cell: Cell, status: str, summary: Optional[dict]) -> dict:
+  s = summary or {}
+  return {
+      "cell": cell.name, "status": status, "attack": cell.attack,
+      "aggregator": cell.aggregator,
+      "malicious_fraction": cell.malicious_fraction,
+      "sparsify": cell.config.sparsify,
+      "topk_ratio": "" if cell.topk_ratio is None else cell.topk_ratio,
+      "seed": cell.seed, "rounds": cell.config.rounds,
+      **{k: s.get(k) for k in CSV_COLUMNS[9:]}}
+
+
+def _fmt(x: Any) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return ""
+  return repr(x) if isinstance(x, float) else str(x)
+
+
+def _mean_std(values: list) -> tuple[float, float, int]:
+  v = [x for x in values if x is not None]
+  if not v:
+    return math.nan, math.nan, 0
+  return float(np.mean(v)), float(np.std(v)), len(v)
+
+
+def _panels(rows: list[dict], key: str, attacks: list[str],
+            aggregators: list[str]) -> dict[tuple, np.ndarray]:
+  """(fraction, ratio) -> [attack, aggregator] mean over seeds of ``key``.
+
+  The "none" attack (fraction 0) is the baseline row of every panel.
+  """
+  combos = sorted({(r["malicious_fraction"], r["topk_ratio"]) for r in rows
+                   if r["attack"] != "none"}, key=lambda t: (t[0], str(t[1])))
+  if not combos:
+    combos = sorted({(r["malicious_fraction"], r["topk_ratio"]) for r in rows},
+                    key=lambda t: (t[0], str(t[1])))
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[(r["attack"], r["aggregator"], r["malicious_fraction"],
+            r["topk_ratio"])].append(r.get(key))
+  out = {}
+  for frac, ratio in combos:
+    m = np.full((len(attacks), len(aggregators), 3), np.nan)
+    for i, a in enumerate(attacks):
+      for j, g in enumerate(aggregators):
+        f = 0.0 if a == "none" else frac
+        m[i, j] = _mean_std(groups.get((a, g, f, ratio), []))
+    out[(frac, ratio)] = m
+  return out
+
+
+def _panel_title(frac, ratio) -> str:
+  r = "dense" if ratio == "" else f"top-k {ratio:g}"
+  return f"malicious fraction {frac:g}, {r}"
+
+
+def _markdown_table(m: np.ndarray, attacks, aggregators) -> list[str]:
+  lines = ["| attack \\ defence | " + " | ".join(aggregators) + " |",
+           "|---|" + "---:|" * len(aggregators)]
+  for i, a in enumerate(attacks):
+    cells = []
+    for j in range(len(aggregators)):
+      mean, std, n = m[i, j]
+      if n == 0:
+        cells.append("-")
+      elif n > 1:
+        cells.append(f"{mean:.4f} ± {std:.4f}")
+      else:
+        cells.append(f"{mean:.4f}")
+    lines.append(f"| {a} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _mean_curve(runs: list[list[dict]]) -> list[dict]:
+  by_round = collections.defaultdict(lambda: collections.defaultdict(list))
+  for records in runs:
+    for r in records:
+      for k in ("accuracy", "asr"):
+        if r.get(k) is not None:
+          by_round[r["round"]][k].append(r[k])
+  return [{"round": rnd, **{k: float(np.mean(v)) for k, v in d.items()}}
+          for rnd, d in sorted(by_round.items())]
+
+
+def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
+  """Writes results.csv, results.md, heatmap.png and curves_<attack>.png.
+
+  Cells without a finished run appear in the CSV with their status (missing,
+  partial, failed) and are left out of the tables and plots.
+
+  Returns:
+    ``{"rows": [...], "markdown": str, "files": [paths written]}``.
+  """
+  from fedjax_sparse.simulation import plots
+  os.makedirs(output_dir, exist_ok=True)
+  attacks = list(dict.fromkeys(c.attack for c in cells))
+  aggregators = list(dict.fromkeys(c.aggregator for c in cells))
+  rows, curves = [], collections.defaultdict(list)
+  for cell in cells:
+    status, summary, records = _load(cell)
+    rows.append(_row(cell, status, summary))
+    if summary is not None:
+      curves[cell.attack].append((cell, records))
+  files = []
+
+  buf = _io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(CSV_COLUMNS)
+  for r in rows:
+    writer.writerow([_fmt(r[c]) for c in CSV_COLUMNS])
+  path = os.path.join(output_dir, "results.csv")
+  io.atomic_write_text(path, buf.getvalue())
+  files.append(path)
+
+  done = [r for r in rows if r["status"] == "done"]
+  acc = _panels(done, "final_accuracy", attacks, aggregators)
+  base = cells[0].config
+  md = [f"# Sweep results: final test accuracy",
+        "",
+        f"{base.dataset}, model {base.model}, {base.num_clients} clients "
+        f"({base.clients_per_round} per round), partition {base.partition}"
+        + (f" (alpha {base.alpha:g})" if base.partition == "dirichlet" else "")
+        + f", {base.rounds} rounds, attack from round {base.attack_start}. "
+        f"{len(done)}/{len(rows)} cells finished; values are the mean "
+        "(± std) over seeds. The none row (no attackers) is the clean "
+        "baseline of every table.", ""]
+  for (frac, ratio), m in acc.items():
+    md += [f"## {_panel_title(frac, ratio)}", ""]
+    md += _markdown_table(m, attacks, aggregators) + [""]
+  bd = [a for a in attacks
+        if any(r.get("final_asr") is not None for r in done if r["attack"] == a)]
+  if bd:
+    asr = _panels([r for r in done if r["attack"] in bd], "final_asr", bd,
+                  aggregators)
+    md += ["# Final attack success rate (backdoor attacks)", ""]
+    for (frac, ratio), m in asr.items():
+      md += [f"## {_panel_title(frac, ratio)}", ""]
+      md += _markdown_table(m, bd, aggregators) + [""]
+  failed = [r for r in rows if r["status"] != "done"]
+  if failed:
+    md += ["# Cells without results", ""]
+    md += [f"- {r['cell']}: {r['status']}" for r in failed] + [""]
+  markdown = "\n".join(md)
+  path = os.path.join(output_dir, "results.md")
+  io.atomic_write_text(path, markdown)
+  files.append(path)
+
+  if done:
+    path = os.path.join(output_dir, "heatmap.png")
+    plots.plot_heatmaps(
+        {_panel_title(*k): m[..., 0] for k, m in acc.items()}, attacks,
+        aggregators, path,
+        title=f"Final test accuracy ({base.dataset}, {base.model})")
+    files.append(path)
+
+  for attack, runs in curves.items():
+    combos = {(c.malicious_fraction, c.topk_ratio) for c, _ in runs}
+    grouped = collections.defaultdict(list)
+    for cell, records in runs:
+      label = cell.aggregator
+      if len(combos) > 1:
+        label += (f" (mf {cell.malicious_fraction:g}, "
+                  + ("dense" if cell.topk_ratio is None
+                     else f"top-k {cell.topk_ratio:g}") + ")")
+      grouped[label].append(records)
+    path = os.path.join(output_dir, f"curves_{attack}.png")
+    plots.plot_metric_curves(
+        {k: _mean_curve(v) for k, v in grouped.items()}, path,
+        keys=("accuracy", "asr"),
+        title=f"attack: {attack}" + (" (mean over seeds)"
+                                     if len({c.seed for c, _ in runs}) > 1 else ""),
+        attack_start=None if attack == "none" else base.attack_start)
+    files.append(path)
+  return {"rows": rows, "markdown": markdown, "files": files}
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)
+  from fedjax_sparse.simulation.devices import use_cpu_devices
+  use_cpu_devices()  # one host device per core, before any JAX operation
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    if not FLAGS.output_dir:
+      raise ValueError("--output_dir is required: each cell writes into "
+                       "<output_dir>/<cell name>/")
+    cells = cells_from_flags(FLAGS)
+    check_cells(cells, check_data=not FLAGS.report_only)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{len(cells)} cells into {FLAGS.output_dir}")
+  status = {}
+  if not FLAGS.report_only:
+    status = run_cells(cells, progress=FLAGS.cell_progress)
+  report = write_report(cells, FLAGS.output_dir)
+  print()
+  print(report["markdown"])
+  print("wrote " + ", ".join(report["files"]))
+  return 1 if any(s.startswith("failed") for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+  app.run(main)
