@@ -14,7 +14,7 @@ from fedjax_sparse.layout import layout_of
 from fedjax_sparse.simulation.experiment import ExperimentConfig, run_experiment
 from fedjax_sparse.simulation.round import (RoundConfig, init_server_state,
                                             make_round_step)
-from tests.test_round import TinyMLP, _data
+from test_round import TinyMLP, _data
 
 
 def _make(cfg, agg_name="fedavg", update_attack=None, data_attack=None,
