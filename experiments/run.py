@@ -47,6 +47,7 @@ _HELP = {
     "update_mode": "delta (global - local) or momentum (send the local "
                    "momentum buffer, hybrid-attack paper).",
     "prox_mu": "FedProx proximal coefficient (0 = off).",
+    "scaffold": "SCAFFOLD control-variate correction of local training.",
     "server_lr": "Server learning rate.",
     "server_optimizer": "Server optimizer: sgd, momentum or adam.",
     "aggregator": "Aggregation rule (registry name).",

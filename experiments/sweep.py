@@ -272,9 +272,14 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
   """Builds the aggregator and binds the attack's arguments (no compiling)."""
   from fedjax_sparse import aggregators as aggregators_lib
   from fedjax_sparse import attacks as attacks_lib
+  from fedjax_sparse.simulation.experiment import MODEL_AWARE_RULES
   kwargs = parse_kwargs(cfg.aggregator_args)
   try:
-    aggregators_lib.get(cfg.aggregator)(**kwargs)
+    factory = aggregators_lib.get(cfg.aggregator)
+    if cfg.aggregator in MODEL_AWARE_RULES:
+      inspect.signature(factory).bind_partial(**kwargs)  # the model comes later
+    else:
+      factory(**kwargs)
   except TypeError as e:
     raise ValueError(f"cannot build aggregator {cfg.aggregator!r} with "
                      f"arguments {kwargs}: {e}; set them with "
@@ -283,7 +288,14 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
     return
   kwargs = parse_kwargs(cfg.attack_args)
   if attacks_lib.is_update_attack(cfg.attack):
-    factory, fixed = attacks_lib.get_update_attack(cfg.attack), {}
+    # The attack builder supplies masks and auxiliary sets from the data.
+    from fedjax_sparse.attacks.builder import accepted_arguments
+    unknown = sorted(set(kwargs) - set(accepted_arguments(cfg.attack)))
+    if unknown:
+      raise ValueError(f"update attack {cfg.attack!r} takes no argument(s) "
+                       f"{', '.join(unknown)}; it accepts: "
+                       f"{', '.join(accepted_arguments(cfg.attack))}")
+    return
   else:
     factory = attacks_lib.get_data_attack(cfg.attack)
     fixed = {"num_classes": 2}  # only bound, never built: the data decides C
@@ -292,8 +304,7 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
   except TypeError as e:
     raise ValueError(f"cannot build attack {cfg.attack!r} with arguments "
                      f"{kwargs}: {e}; set them with --attack_args_by_name or "
-                     "--attack_args (array arguments such as HSA's mask "
-                     "cannot be given as flags)") from None
+                     "--attack_args") from None
 
 
 def check_cells(cells: Sequence[Cell], check_data: bool = True) -> None:

@@ -47,6 +47,8 @@ MALICIOUS_MODES = ("first", "random")
 # Rules that need the server to train on its own data each round (the
 # validation split, --val_size): FLTrust's root set.
 SERVER_DATA_RULES = ("fltrust",)
+# Rules built with the model and the server's per-class validation data.
+MODEL_AWARE_RULES = ("class_aware_masking",)
 
 
 def parse_kwargs(text: str, what: str = "arguments") -> dict:
@@ -57,7 +59,11 @@ def parse_kwargs(text: str, what: str = "arguments") -> dict:
   """
   import ast
   out = {}
-  for item in filter(None, (t.strip() for t in text.split(","))):
+  import re
+  # A comma starts a new pair only when a `name=` follows, so values may hold
+  # commas themselves (caps=last_dense:0.25,first_conv:0.2).
+  items = re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text)
+  for item in filter(None, (t.strip() for t in items)):
     if "=" not in item:
       raise ValueError(f"bad {what} {item!r}: write name=value pairs separated "
                        "by commas, e.g. 'k=0.01,clip_norm=5'")
@@ -101,6 +107,7 @@ class ExperimentConfig:
   weight_decay: float = 0.0
   update_mode: str = "delta"
   prox_mu: float = 0.0
+  scaffold: bool = False
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
   aggregator: str = "fedavg"
@@ -132,7 +139,8 @@ class ExperimentConfig:
                         local_epochs=self.local_epochs,
                         local_steps=self.local_steps,
                         batch_size=self.batch_size,
-                        update_mode=self.update_mode, prox_mu=self.prox_mu)
+                        update_mode=self.update_mode, prox_mu=self.prox_mu,
+                        scaffold=self.scaffold)
 
   @property
   def num_malicious(self) -> int:
@@ -205,6 +213,9 @@ class ExperimentConfig:
                        f"choose one of {', '.join(MALICIOUS_MODES)}")
     if self.max_train < 0 or self.val_size < 0:
       raise ValueError("max_train and val_size must be >= 0")
+    if self.aggregator in MODEL_AWARE_RULES and self.val_size == 0:
+      raise ValueError(f"--aggregator={self.aggregator} needs the server's "
+                       "validation set: set --val_size (e.g. 500)")
     if self.aggregator in SERVER_DATA_RULES and self.val_size == 0:
       raise ValueError(f"--aggregator={self.aggregator} needs server data: set "
                        "--val_size (e.g. 100, FLTrust's root set)")
@@ -238,22 +249,34 @@ class Experiment:
                                      train=False)
     self.has_model_state = len(self.variables) > 1
     self.layout = layout_of(self.variables["params"])
-    self.aggregator = _build(aggregators_lib.get(cfg.aggregator),
-                             parse_kwargs(cfg.aggregator_args),
+    agg_kwargs = parse_kwargs(cfg.aggregator_args)
+    if cfg.aggregator in MODEL_AWARE_RULES:
+      agg_kwargs = {**self._model_aware_args(), **agg_kwargs}
+    self.aggregator = _build(aggregators_lib.get(cfg.aggregator), agg_kwargs,
                              "aggregator", cfg.aggregator)
     from fedjax_sparse import attacks as attacks_lib
     self.update_attack = self.data_attack = None
     attack_kwargs = parse_kwargs(cfg.attack_args)
+    malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
+                                             cfg.malicious_mode, cfg.seed)
     if cfg.attack != "none":
       if attacks_lib.is_update_attack(cfg.attack):
-        self.update_attack = _build(attacks_lib.get_update_attack(cfg.attack),
-                                    attack_kwargs, "attack", cfg.attack)
+        from fedjax_sparse.attacks.builder import build_update_attack
+        rows = self.fd.clients.idx[malicious]
+        counts = self.fd.clients.counts[malicious]
+        pool = np.concatenate([r[:c] for r, c in zip(rows, counts)])
+        self.update_attack = build_update_attack(
+            cfg.attack, attack_kwargs, layout=self.layout,
+            params=self.variables["params"], apply_fn=self.model.apply,
+            attacker_x=self.fd.x_train[pool], attacker_y=self.fd.y_train[pool],
+            key=jax.random.fold_in(key, 1), num_classes=self.fd.num_classes,
+            model_state={k: v for k, v in self.variables.items()
+                         if k != "params"},
+            output_dir=cfg.output_dir or None)
       else:
         self.data_attack = _build(attacks_lib.get_data_attack(cfg.attack),
                                   attack_kwargs, "attack", cfg.attack,
                                   num_classes=self.fd.num_classes)
-    malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
-                                             cfg.malicious_mode, cfg.seed)
     self.round_config = cfg.round_config()
     self.round_config.validate(self.layout.d)
     # Rules and attacks check their settings against d in init (k > d, ...):
@@ -287,6 +310,18 @@ class Experiment:
           cfg.attack, attack_kwargs, self.fd.x_test, self.fd.y_test)
       if len(y_asr):
         self.x_asr, self.y_asr = jnp.asarray(x_asr), jnp.asarray(y_asr)
+
+  def _model_aware_args(self) -> dict:
+    """What class-aware masking needs: the model and per-class validation data."""
+    from jax.flatten_util import ravel_pytree
+    per_class = max(1, len(self.fd.y_val) // (2 * self.fd.num_classes))
+    val_x, val_y = data_lib.per_class_validation(self.fd, per_class)
+    return {"apply_fn": self.model.apply,
+            "unravel": ravel_pytree(self.variables["params"])[1],
+            "val_x": jnp.asarray(val_x), "val_y": jnp.asarray(val_y),
+            "num_clients": self.cfg.num_clients,
+            "model_state": {k: v for k, v in self.variables.items()
+                            if k != "params"}}
 
   def init_state(self):
     return init_server_state(self.round_config, self.variables,
