@@ -292,8 +292,8 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
     from fedjax_sparse.attacks.builder import accepted_arguments
     unknown = sorted(set(kwargs) - set(accepted_arguments(cfg.attack)))
     if unknown:
-      raise ValueError(f"update attack {cfg.attack!r} takes no argument(s) "
-                       f"{', '.join(unknown)}; it accepts: "
+      raise ValueError(f"cannot build attack {cfg.attack!r}: it takes no "
+                       f"argument(s) {', '.join(unknown)}; it accepts: "
                        f"{', '.join(accepted_arguments(cfg.attack))}")
     return
   else:
