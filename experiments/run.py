@@ -6,9 +6,15 @@ Example::
       --partition=dirichlet --alpha=1 --rounds=20 --output_dir=/tmp/run
   python -m experiments.run --flagfile=experiments/configs/demo.flags
 
-Every flag is a field of :class:`fedjax_sparse.simulation.ExperimentConfig`.
-Bad flags fail before anything is compiled, with a message saying what to
-change.
+Every flag but the multi-host ones (``--distributed``,
+``--coordinator_address``, ``--num_processes``, ``--process_id``) is a field
+of :class:`fedjax_sparse.simulation.ExperimentConfig`. Bad flags fail before
+anything is compiled, with a message saying what to change.
+
+Multi-host: start the same command on every host (or every process) with
+``--distributed``; on TPU pod slices, SLURM and Open MPI the processes find
+each other, elsewhere add ``--coordinator_address=host0:1234
+--num_processes=N --process_id=i``. Only process 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ _HELP = {
     "alpha": "Dirichlet concentration (smaller = more label skew).",
     "shards_per_client": "Classes per client of the shards partition.",
     "min_samples": "Minimum samples per client of the dirichlet partition.",
+    "allow_empty_clients": "Allow clients without data (more clients than "
+                           "examples: cross-device populations).",
     "num_clients": "Population size C.",
     "clients_per_round": "Clients K sampled per round (without replacement).",
     "rounds": "Number of federated rounds.",
@@ -93,6 +101,19 @@ def _define_flags():
 
 
 _define_flags()
+# Multi-host flags: how the processes connect, not part of the experiment.
+flags.DEFINE_boolean(
+    "distributed", False,
+    "Multi-host run: connect this process to the others with "
+    "jax.distributed.initialize before any JAX operation (the cluster is "
+    "detected on TPU pod slices, SLURM and Open MPI; elsewhere set "
+    "--coordinator_address, --num_processes and --process_id).")
+flags.DEFINE_string("coordinator_address", None,
+                    "With --distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None,
+                     "With --distributed: number of processes.")
+flags.DEFINE_integer("process_id", None,
+                     "With --distributed: this process's index.")
 FLAGS = flags.FLAGS
 
 
@@ -110,6 +131,16 @@ def main(argv):
   use_cpu_devices()  # one host device per core, before any JAX operation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  coordinator = True
+  if FLAGS.distributed:
+    from fedjax_sparse.simulation import distributed
+    try:
+      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                             FLAGS.process_id)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    coordinator = distributed.is_coordinator()
   cfg = config_from_flags()
   try:
     cfg.validate()
@@ -117,7 +148,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   from fedjax_sparse.simulation.experiment import run_experiment
-  summary = run_experiment(cfg)
+  summary = run_experiment(cfg, progress=coordinator)
+  if not coordinator:
+    return 0
   keys = ["final_accuracy", "final_top5_accuracy", "best_accuracy",
           "compile_seconds", "median_round_seconds", "wall_seconds",
           "num_params"]

@@ -284,3 +284,13 @@ def test_scaffold_first_round_equals_fedavg_then_corrects():
   st2, _ = s2(st2, data)
   assert not np.allclose(jax.flatten_util.ravel_pytree(st1.params)[0],
                          jax.flatten_util.ravel_pytree(st2.params)[0])
+
+
+def test_sample_clients_is_uniform_without_replacement():
+  from fedjax_sparse.simulation.round import sample_clients
+  draws = jax.jit(jax.vmap(lambda k: sample_clients(k, 10, 3)))(
+      jax.random.split(jax.random.key(0), 4000))
+  draws = np.asarray(draws)
+  assert all(len(set(r)) == 3 for r in draws)
+  freq = np.bincount(draws.ravel(), minlength=10) / draws.size
+  np.testing.assert_allclose(freq, 0.1, atol=0.01)

@@ -85,6 +85,7 @@ def build(name: str,
           data_dir: str | os.PathLike | None = None,
           seed: int = 0,
           max_train: int | None = None,
+          allow_empty: bool = False,
           **load_kwargs: Any) -> FederatedData:
   """Loads a dataset and partitions its training split among clients.
 
@@ -110,6 +111,8 @@ def build(name: str,
     data_dir: folder of the dataset files.
     seed: seed of the split, the subsample and the partition.
     max_train: cap on the number of samples the clients share.
+    allow_empty: allow clients without data (more clients than samples,
+      cross-device populations); see :func:`partition`.
     **load_kwargs: passed to the loader (e.g. ``num_train=`` for
       ``"synthetic"``).
 
@@ -140,7 +143,7 @@ def build(name: str,
   clients = partition(
       train.y[rest], num_clients, partition_method, alpha=alpha,
       shards_per_client=shards_per_client, min_samples=min_samples,
-      seed=int(part_rng.integers(2**63 - 1)))
+      seed=int(part_rng.integers(2**63 - 1)), allow_empty=allow_empty)
   if len(rest) == n:
     x_train, y_train = train.x, train.y
   else:

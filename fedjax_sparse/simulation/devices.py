@@ -42,10 +42,14 @@ def client_mesh(num_devices: int):
   """A 1-D :class:`jax.sharding.Mesh` named ``"clients"`` over local devices.
 
   Args:
-    num_devices: devices to use (0: all local devices of the default backend).
+    num_devices: devices to use (0: all local devices of the default backend;
+      in a multi-process run, all devices of all processes).
   """
   import numpy as np
   from jax.sharding import Mesh
+  if jax.process_count() > 1:  # multi-host: split clients over every host
+    from fedjax_sparse.simulation import distributed
+    return distributed.global_client_mesh(num_devices)
   devices = jax.local_devices()
   n = num_devices or len(devices)
   if n > len(devices):

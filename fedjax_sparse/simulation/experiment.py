@@ -95,6 +95,7 @@ class ExperimentConfig:
   alpha: float = 1.0
   shards_per_client: int = 2
   min_samples: int = 10
+  allow_empty_clients: bool = False
   num_clients: int = 20
   clients_per_round: int = 20
   rounds: int = 20
@@ -228,7 +229,8 @@ def build_data(cfg: ExperimentConfig):
                         alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
                         min_samples=cfg.min_samples, val_size=cfg.val_size,
                         data_dir=cfg.data_dir, seed=cfg.seed,
-                        max_train=cfg.max_train or None)
+                        max_train=cfg.max_train or None,
+                        allow_empty=cfg.allow_empty_clients)
 
 
 class Experiment:
