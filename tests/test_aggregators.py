@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.cluster import DBSCAN
 
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _order_stats
 from fedjax_sparse.aggregators.base import AggContext
+import aggregator_refs as refs
+from aggregator_refs import (np_cc, np_krum_scores, np_median, np_rfa, np_sign_cos,
+                             np_trimmed, np_two_means_high)
 
 K, D, P, F = 10, 24, 3, 2
 N_PACKS = D // P
@@ -65,122 +67,20 @@ def _data(seed, k=K, d=D, sparse=False, r=0.5):
 
 
 def _coord(masks, d=D, pack_size=P):
-  return np.repeat(masks, pack_size, axis=1)[:, :d]
+  return refs.coord(masks, d, pack_size)
 
 
 # ---------------------------------------------------------------- references
+# The numpy references live in tests/aggregator_refs.py (shared with
+# benchmarks/aggregators.py); these wrappers add this file's default sizes.
 
 
 def np_combine(u, masks, w, a, pack_size=P):
-  u = np.asarray(u, np.float64)
-  w = np.asarray(w, np.float64) * a
-  if masks is None:
-    return (w @ u) / w.sum() if w.sum() > 0 else np.zeros(u.shape[1])
-  cm = _coord(masks, u.shape[1], pack_size)
-  num = (w[:, None] * u * cm).sum(0)
-  den = (w[:, None] * cm).sum(0)
-  return np.where(den > 0, num / np.where(den > 0, den, 1), 0)
-
-
-def np_median(u, contrib=None):
-  if contrib is None:
-    return np.median(u, axis=0)
-  return np.array([np.median(u[contrib[:, j], j]) if contrib[:, j].any() else 0.0
-                   for j in range(u.shape[1])])
-
-
-def np_trimmed(u, b=None, contrib=None, beta=None):
-  if contrib is None:
-    s = np.sort(u, axis=0)
-    return s[b:len(u) - b].mean(0)
-  out = []
-  for j in range(u.shape[1]):
-    v = np.sort(u[contrib[:, j], j])
-    c = len(v)
-    bj = math.floor(beta * c) if beta is not None else b
-    bj = min(bj, max(c - 1, 0) // 2)
-    out.append(v[bj:c - bj].mean() if c else 0.0)
-  return np.array(out)
-
-
-def np_krum_scores(u, f):
-  u = np.asarray(u, np.float64)
-  d2 = ((u[:, None] - u[None]) ** 2).sum(-1)
-  k = len(u)
-  return np.array([np.sort(np.delete(d2[i], i))[:k - f - 2].sum() for i in range(k)])
-
-
-def np_rfa(u, w, nu=0.1, iters=3):
-  u = np.asarray(u, np.float64)
-  alpha = w / w.sum()
-  v = alpha @ u
-  for _ in range(iters):
-    beta = alpha / np.maximum(nu, np.linalg.norm(v - u, axis=1))
-    v = beta @ u / beta.sum()
-  return v
-
-
-def np_cc(u, v, tau, iters):
-  for _ in range(iters):
-    z = u - v
-    n = np.linalg.norm(z, axis=1)
-    v = v + (np.minimum(1, tau / np.maximum(n, 1e-30))[:, None] * z).mean(0)
-  return v
-
-
-def np_sign_cos(s):
-  n = np.linalg.norm(s, axis=1)
-  g = s @ s.T
-  den = n[:, None] * n[None]
-  return np.where(den > 0, g / np.where(den > 0, den, 1), 0)
-
-
-def np_two_means_high(x):
-  s = np.sort(x)
-  best, thr = np.inf, None
-  for t in range(1, len(s)):
-    if s[t - 1] == s[t]:
-      continue
-    sse = ((s[:t] - s[:t].mean()) ** 2).sum() + ((s[t:] - s[t:].mean()) ** 2).sum()
-    if sse < best:
-      best, thr = sse, s[t]
-  return np.ones(len(x), bool) if thr is None else x >= thr
+  return refs.np_combine(u, masks, w, a, pack_size)
 
 
 def np_safesparse(u, masks, beta=0.6, gamma=0.2, guard=False, pack_size=P):
-  k, d = u.shape
-  m_packs = np.ones((k, 1), bool) if masks is None else masks
-  jac = np.zeros((k, k))
-  for i in range(k):
-    for j in range(k):
-      union = (m_packs[i] | m_packs[j]).sum()
-      jac[i, j] = (m_packs[i] & m_packs[j]).sum() / union if union else 0.0
-  score = (jac.sum(1) - np.diag(jac)) / (k - 1)
-  kept = score >= (score.max() + score.min()) / 2 * beta
-  cm = np.ones((k, d), bool) if masks is None else _coord(masks, d, pack_size)
-  s = np.sign(u) * cm
-  cos = np.zeros((k, k))
-  for i in range(k):
-    for j in range(k):
-      ov = cm[i] & cm[j]
-      den = np.linalg.norm(s[i][ov]) * np.linalg.norm(s[j][ov])
-      cos[i, j] = (s[i][ov] @ s[j][ov]) / den if den > 0 else 0.0
-  dist = np.clip(1 - cos, 0.0, 2.0)
-  idx = np.flatnonzero(kept)
-  m = len(idx)
-  clustered = np.zeros(k, bool)
-  if m >= 2:
-    n = max(1, round(m * gamma))
-    sub = dist[np.ix_(idx, idx)]
-    kth = [np.sort(np.delete(sub[i], i))[min(n, m - 1) - 1] for i in range(m)]
-    eps = float(np.mean(kth))
-    labels = DBSCAN(eps=eps, min_samples=n, metric="precomputed").fit(sub).labels_
-    inc = labels >= 0
-    if guard and 2 * inc.sum() > m:
-      largest = np.bincount(labels[inc]).argmax()
-      inc = inc & (labels != largest)
-    clustered[idx] = inc
-  return kept & ~clustered
+  return refs.np_safesparse(u, masks, beta, gamma, guard, pack_size)
 
 
 # ---------------------------------------------------------------- registry
@@ -257,6 +157,42 @@ def test_krum_distances_survive_a_large_common_offset():
   shifted = u + 1e4
   _, _, diag, _ = run("krum", shifted)
   np.testing.assert_allclose(diag["scores"], np_krum_scores(u, F), rtol=2e-3)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-2, math.inf])
+def test_krum_distances_on_both_centring_paths(tol, monkeypatch):
+  # TOL = 0 keeps the mean-centred Gram matrix whenever the rows are finite,
+  # inf always recomputes around the coordinate-wise median.
+  from fedjax_sparse.aggregators import _distances
+  monkeypatch.setattr(_distances, "TOL", tol)
+  # A fresh function: jit caches traces per function, and TOL is read when
+  # tracing.
+  dists = jax.jit(lambda x: _distances.pairwise_sq_dists(x))
+  rs = np.random.RandomState(14)
+  u = rs.randn(K, 3000).astype(np.float32) + 50.0
+  if tol > 0:
+    # A far row drags the mean: the default TOL falls back to the median
+    # (TOL = 0 would lose about 1% of the benign distances here).
+    u[3] *= 30.0
+  u64 = u.astype(np.float64)
+  expect = ((u64[:, None] - u64[None]) ** 2).sum(-1)
+  d2, ok = dists(jnp.asarray(u))
+  np.testing.assert_allclose(d2, expect, rtol=2e-4, atol=1e-3)
+  assert np.all(ok)
+  # Non-finite rows (here in more than half of one coordinate) are
+  # infinitely far; the finite rows keep their distances.
+  u[[1, 5]] = np.inf
+  u[:, 0] = np.nan
+  u[[0, 2, 4, 6, 8], 0] = 1.0
+  bad = np.isin(np.arange(K), [1, 3, 5, 7, 9])
+  d2, ok = dists(jnp.asarray(u))
+  np.testing.assert_array_equal(ok, ~bad)
+  good = np.flatnonzero(~bad)
+  u64 = u[good].astype(np.float64)
+  expect = ((u64[:, None] - u64[None]) ** 2).sum(-1)
+  np.testing.assert_allclose(np.asarray(d2)[np.ix_(good, good)], expect,
+                             rtol=2e-4, atol=1e-3)
+  assert np.all(np.isinf(np.asarray(d2)[bad][:, good]))
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -422,8 +358,8 @@ ALL_RULES = [
     ("signsgd", {}, ()),
     ("fedsign", {}, ()),
     ("robust_dpfl", {}, ()),
-    ("safesparse", {}, ()),
-    ("safesparse", {"guard": True}, ()),
+    ("safesparse", {}, ()),  # guard on by default
+    ("safesparse", {"guard": False}, ()),  # the paper's literal rule
     ("median", {}, (("nnm", ()),)),
 ]
 
@@ -457,7 +393,7 @@ def test_identical_inputs_give_the_common_value(rule):
   got = run(name, u, None, w, pre=pre, **hp)[0]
   if name == "signsgd":
     np.testing.assert_array_equal(got, np.sign(c))
-  elif name == "safesparse" and not hp.get("guard"):
+  elif name == "safesparse" and hp.get("guard") is False:
     # Literal rule: all distances 0, one cluster of everyone, all excluded.
     np.testing.assert_array_equal(got, 0.0)
   else:
@@ -556,12 +492,13 @@ def test_safesparse_barely_overlapping_masks(seed):
   u, masks, _ = _sparse_population(rs, n_benign=20, n_mal=0, n_packs=1000,
                                    pack_size=1, r=0.05)
   ctx = _ctx(f=0, pack_size=1, k=20)
-  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=True)
+  # The default (guard on) keeps everyone.
+  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx)
   np.testing.assert_array_equal(acc, 1.0)
   assert bool(diag["guard_triggered"])
   # The paper's literal rule (guard off): eps is the typical distance, most
   # points are core points, and the one big cluster is excluded.
-  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx)
+  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=False)
   assert acc.sum() <= 2
   np.testing.assert_array_equal(acc, np_safesparse(u, masks, pack_size=1))
 
@@ -581,10 +518,13 @@ def test_safesparse_jaccard_drops_index_poisoner():
   masks[0] = False
   masks[0, np.argsort(counts)[:5]] = True
   u = rs.randn(12, 40).astype(np.float32) * masks
-  _, acc, diag, _ = run("safesparse", u, masks, ctx=_ctx(f=0, pack_size=1, k=12))
-  assert acc[0] == 0
-  assert diag["jaccard_score"][0] < diag["jaccard_threshold"]
-  np.testing.assert_array_equal(acc, np_safesparse(u, masks, pack_size=1))
+  ctx = _ctx(f=0, pack_size=1, k=12)
+  for guard in (False, True):
+    _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=guard)
+    assert acc[0] == 0
+    assert diag["jaccard_score"][0] < diag["jaccard_threshold"]
+    np.testing.assert_array_equal(acc, np_safesparse(u, masks, guard=guard,
+                                                     pack_size=1))
 
 
 # ---------------------------------------------------------------- order stats

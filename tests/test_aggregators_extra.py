@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.cluster import KMeans
 
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.layout import layout_of
-from test_aggregators import (D, F, K, KEY, _data,
-                              np_combine, np_krum_scores, np_trimmed, run)
+import aggregator_refs as refs
+from test_aggregators import D, F, K, KEY, _data, np_combine, run
 
 LAYOUT = layout_of({"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)},
                     "out": {"kernel": np.zeros((3, 3))}})
@@ -38,23 +37,8 @@ def _attacked(seed, n_bad=2, scale=-4.0):
 
 
 def np_gas(u, w, p, base, f, key):
-  k, d = u.shape
-  perm = np.asarray(jax.random.permutation(key, d))
-  size = -(-d // p)
-  scores = np.zeros(k)
-  for g in range(p):
-    cols = perm[g * size:(g + 1) * size]
-    sub = u[:, cols].astype(np.float64)
-    krum = np_krum_scores(sub, f)
-    if base == "krum":
-      agg = sub[np.argmin(krum)]
-    else:
-      sel = np.argsort(krum, kind="stable")[:k - 2 * f]
-      agg = np_trimmed(sub[sel], min(f, (len(sel) - 1) // 2))
-    scores += np.linalg.norm(sub - agg, axis=1)
-  accept = np.zeros(k)
-  accept[np.argsort(scores, kind="stable")[:k - f]] = 1
-  return np_combine(u, None, w, accept), accept, scores
+  perm = np.asarray(jax.random.permutation(key, u.shape[1]))
+  return refs.np_gas(u, w, p, base, f, perm)
 
 
 @pytest.mark.parametrize("base", ["krum", "bulyan"])
@@ -72,18 +56,7 @@ def test_gas_reference(base):
 # ---------------------------------------------------------------- DnC
 
 
-def np_dnc(u, w, f, cols_list, c=1.0):
-  k = len(u)
-  good = np.ones(k, bool)
-  for cols in cols_list:
-    sub = u[:, cols].astype(np.float64)
-    centred = sub - sub.mean(0)
-    v = np.linalg.svd(centred, full_matrices=False)[2][0]
-    scores = (centred @ v) ** 2
-    keep = np.zeros(k, bool)
-    keep[np.argsort(scores, kind="stable")[:k - int(c * f)]] = True
-    good &= keep
-  return np_combine(u, None, w, good.astype(float)), good
+np_dnc = refs.np_dnc
 
 
 def test_dnc_reference():
@@ -107,10 +80,7 @@ def test_dnc_reference():
 def test_fltrust_reference():
   u, w = _attacked(42)
   g0 = u[2:].mean(0) + 0.1
-  cos = (u @ g0) / (np.linalg.norm(u, axis=1) * np.linalg.norm(g0))
-  trust = np.maximum(cos, 0)
-  expect = (trust[:, None] * u / np.linalg.norm(u, axis=1)[:, None]).sum(0)
-  expect *= np.linalg.norm(g0) / trust.sum()
+  expect, trust = refs.np_fltrust(u, g0)
   got, acc, _, _ = run("fltrust", u, None, w, ctx=_lctx(g0))
   np.testing.assert_allclose(acc, trust, atol=1e-6)
   np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
@@ -122,29 +92,7 @@ def test_fltrust_reference():
 
 
 def np_lasa(u, sparsity=0.3, lm=1.0, ld=1.0, layout=LAYOUT):
-  u = u.astype(np.float64)
-  d = u.shape[1]
-  norms = np.linalg.norm(u, axis=1)
-  med = np.median(norms)
-  u = u * np.minimum(1, med / norms)[:, None]
-  n_keep = math.ceil(sparsity * d)
-  thr = np.sort(np.abs(u), axis=1)[:, d - n_keep]
-  u = np.where(np.abs(u) >= thr[:, None], u, 0)
-
-  def mz(x):
-    return (x - np.median(x)) / x.std() if x.std() > 0 else np.zeros_like(x)
-
-  out, kept_all = [], []
-  for sl in layout.slices():
-    xl = u[:, sl]
-    s = np.sign(xl)
-    rho = 0.5 * (1 + s.sum(1) / np.maximum(np.abs(s).sum(1), 1e-30))
-    kept = (np.abs(mz(np.linalg.norm(xl, axis=1))) <= lm) & (np.abs(mz(rho)) <= ld)
-    if not kept.any():
-      kept[:] = True
-    out.append(xl[kept].mean(0))
-    kept_all.append(kept)
-  return np.concatenate(out), np.mean(kept_all, axis=0)
+  return refs.np_lasa(u, layout.slices(), sparsity, lm, ld)
 
 
 def test_lasa_reference():
@@ -164,18 +112,7 @@ def test_lasa_reference():
 
 
 def np_flguardian_trust(u, layout=LAYOUT):
-  u = u.astype(np.float64)
-  benign = []
-  for sl in layout.slices():
-    xl = u[:, sl]
-    n = np.linalg.norm(xl, axis=1)
-    cos = xl @ xl.T / (n[:, None] * n[None])
-    dist = np.linalg.norm(xl[:, None] - xl[None], axis=2)
-    feats = np.concatenate([cos, dist / dist.max()], axis=1)
-    labels = KMeans(n_clusters=2, n_init=10, random_state=0).fit(feats).labels_
-    big = np.argmax(np.bincount(labels, minlength=2))
-    benign.append(labels == big)
-  return np.mean(benign, axis=0)
+  return refs.np_flguardian_trust(u, layout.slices())
 
 
 def test_flguardian_reference():

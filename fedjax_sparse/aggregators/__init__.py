@@ -20,6 +20,7 @@ from fedjax_sparse.aggregators import dnc as _dnc  # registers dnc
 from fedjax_sparse.aggregators import fltrust as _fltrust  # registers fltrust
 from fedjax_sparse.aggregators import lasa as _lasa  # registers lasa
 from fedjax_sparse.aggregators import flguardian as _flguardian  # registers flguardian
+from fedjax_sparse.aggregators import class_aware_masking as _cam  # registers class_aware_masking
 from fedjax_sparse.aggregators import bucketing as _bucketing  # pre-registers bucketing
 from fedjax_sparse.aggregators import nnm as _nnm  # pre-registers nnm
 from fedjax_sparse.sparsify import sparsefed as _sparsefed  # registers sparsefed

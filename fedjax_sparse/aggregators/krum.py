@@ -9,17 +9,23 @@ FLARE Alg. 2 when sparse). Distances are those of the zero-filled dense
 vectors, as the papers evaluate Krum under sparsity.
 
 Distances come from the Gram matrix, ``||a||^2 + ||b||^2 - 2<a, b>`` clamped at
-0, after centring on the coordinate-wise median (see
-:func:`._common.pairwise_sq_dists`). Rows with inf/nan are infinitely far
-from all others, so they get an infinite score and are never accepted while
-at least ``m`` rows are finite. Ties go to the lower client index.
+0, after centring on the mean, or on the coordinate-wise median when a few
+far rows drag the mean away (see :func:`._distances.pairwise_sq_dists`).
+Rows with inf/nan are infinitely far from all others, so they get an
+infinite score and are never accepted while at least ``m`` rows are finite.
+Ties go to the lower client index.
+
+Escape ratio (hybrid_sparse_attack.txt section 2.4, ``e_krum``; ALGORITHMS.md
+section 7): when ``ctx.extra`` carries ``malicious`` (``bool[K]``, for
+diagnostics only), ``escape_ratio`` is the share of the malicious clients
+selected (0 when there are none).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from fedjax_sparse.aggregators import _common
+from fedjax_sparse.aggregators import _common, _distances, _escape
 from fedjax_sparse.aggregators.base import AggOut, Aggregator
 from fedjax_sparse.aggregators.registry import register
 
@@ -37,12 +43,16 @@ def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
     m_ = k - f_ if m is None else m
     if not 1 <= m_ <= k:
       raise ValueError(f"{name}: m must be in [1, K={k}], got m={m_}")
-    d2 = _common.pairwise_sq_dists(updates)
+    d2, _ = _distances.pairwise_sq_dists(updates)
     scores = _common.krum_scores(d2, k - f_ - 2)
     acceptance = _common.lowest(scores, m_)
-    update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
-    return AggOut(update, acceptance, {"scores": scores}), state
+    update = _distances.combine_selected(updates, masks, weights, acceptance,
+                                         ctx.pack_size)
+    diagnostics = {"scores": scores}
+    if "malicious" in ctx.extra:
+      diagnostics["escape_ratio"] = _escape.selection(acceptance,
+                                                      ctx.extra["malicious"])
+    return AggOut(update, acceptance, diagnostics), state
 
   return Aggregator(init, apply)
 

@@ -17,10 +17,10 @@ ALGORITHMS.md section 2, step by step:
    itself (scikit-learn's convention). Fixed shape: the dropped clients are
    masked out of :func:`fedjax_sparse.cluster.dbscan` with ``valid``.
 4. Clients inside any cluster are the coordinated attackers and are excluded;
-   noise points stay (the paper's rule). ``guard=True`` (ours): if that would
-   exclude more than half of the ``m`` clients that entered step 3, keep the
-   largest cluster (ties: the lowest label) and the noise, and exclude only the
-   other clusters.
+   noise points stay (the paper's rule, ``guard=False``). ``guard=True`` (ours,
+   the default): if that would exclude more than half of the ``m`` clients
+   that entered step 3, keep the largest cluster (ties: the lowest label) and
+   the noise, and exclude only the other clusters.
 5. The rest are combined with FLARE's sparse aggregation (Alg. 2).
 
 Choices the papers leave open (ours): the sign of a NaN entry is 0, and a
@@ -36,7 +36,15 @@ overlaps are whole vectors.
 Note on the literal rule: when distances carry no structure (e.g. masks that
 never overlap give ``D = 1`` for every pair), ``eps`` equals that common
 distance, every point is a core point, and the one resulting cluster, i.e.
-every client, is excluded; ``guard=True`` keeps them.
+every client, is excluded; ``guard=True`` keeps them. The guard is therefore
+on by default (ALGORITHMS.md section 2 marks it as ours), so that benign
+clients with random, barely overlapping masks are all kept; the paper's
+literal rule is ``safesparse(guard=False)``.
+
+Escape ratio (ALGORITHMS.md section 7): when ``ctx.extra`` carries
+``malicious`` (``bool[K]``, used for the diagnostic only, never for the
+decision), ``escape_ratio`` is the share of the malicious clients accepted
+(0 when there are none).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common
+from fedjax_sparse.aggregators import _common, _escape
 from fedjax_sparse.aggregators.base import AggOut, Aggregator
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.dbscan import dbscan
@@ -52,11 +60,25 @@ from fedjax_sparse.cluster.dbscan import dbscan
 Array = jax.Array
 
 
+def count_gram(a: Array, b: Array) -> Array:
+  """``int32[K, M]``: ``a @ b.T`` for small integer rows (``int8[K, d]``, ``int8[M, d]``).
+
+  The counts SafeSparse needs (mask intersections, sign agreements) are dot
+  products of 0/1 and -1/0/1 rows. As ``int8`` operands with ``int32``
+  accumulation they are exact (an ``f32`` Gram is exact only below 2^24) and
+  fast: on the 2-core dev machine ``int8[20, 270k]`` took 2.7 ms against 17 ms
+  for the ``f32`` Gram (8 ms in ``bf16``), and ``int8[100, 700k]`` 116 ms
+  against 400 ms, with no converted ``f32`` copy of the rows.
+  """
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+
+
 def jaccard_matrix(masks: Array) -> Array:
   """``f32[K, K]`` Jaccard similarity of pack masks (flare.txt eq. 1)."""
-  mf = masks.astype(jnp.float32)
-  inter = _common.gram(mf, mf)
-  size = jnp.sum(mf, axis=1)
+  m8 = masks.astype(jnp.int8)
+  inter = count_gram(m8, m8).astype(jnp.float32)
+  size = jnp.diag(inter)
   union = size[:, None] + size[None, :] - inter
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
@@ -71,26 +93,30 @@ def jaccard_scores(masks: Array) -> Array:
 def sign_overlap_cosine(updates: Array, masks, pack_size: int) -> Array:
   """``f32[K, K]`` cosine of sign vectors over mask overlaps (flare.txt eq. 5).
 
+  With ``s_i = sign(u_i)`` on ``M_i`` (0 elsewhere, and 0 for NaN):
+  ``<s_i, s_j>`` over the overlap is the plain dot product (both vanish
+  outside it) and ``||s_i on M_i & M_j||^2 = <|s_i|, M_j>``; all exact counts
+  from :func:`count_gram`.
+
   Args:
     updates: ``f32[K, d]`` dense view (0 off-mask).
     masks: ``bool[K, n_packs]`` or None (all full).
     pack_size: parameters per pack.
   """
   k, d = updates.shape
-  signs = jnp.sign(jnp.where(jnp.isnan(updates), 0.0, updates))
+  signs = jnp.sign(jnp.where(jnp.isnan(updates), 0.0, updates)).astype(jnp.int8)
+  cm = None
   if masks is not None:
-    signs = signs * _common.coordinate_masks(masks, pack_size, d).astype(signs.dtype)
-  g = _common.gram(signs, signs)
+    cm = _common.coordinate_masks(masks, pack_size, d).astype(jnp.int8)
+    signs = signs * cm
+  g = count_gram(signs, signs).astype(jnp.float32)
   nonzero = jnp.abs(signs)
-  if masks is None:
+  if cm is None:
     # Overlap is everything: ||s_i restricted|| counts i's nonzero signs.
-    sq = jnp.broadcast_to(jnp.sum(nonzero, axis=1)[:, None], (k, k))
+    sq = jnp.broadcast_to(jnp.diag(g)[:, None], (k, k))
   else:
     # sq[i, j] = number of nonzero signs of i inside M_j (they lie in M_i).
-    n_packs = masks.shape[1]
-    padded = jnp.pad(nonzero, ((0, 0), (0, n_packs * pack_size - d)))
-    per_pack = jnp.sum(padded.reshape(k, n_packs, pack_size), axis=2)
-    sq = _common.gram(per_pack, masks.astype(jnp.float32))
+    sq = count_gram(nonzero, cm).astype(jnp.float32)
   den = jnp.sqrt(sq * sq.T)
   return jnp.where(den > 0, g / jnp.where(den > 0, den, 1.0), 0.0)
 
@@ -116,19 +142,21 @@ def dbscan_parameters(dist: Array, valid: Array, gamma: float):
 
 
 @register("safesparse")
-def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = False) -> Aggregator:
+def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Aggregator:
   """SafeSparse / FLARE: Jaccard mask filter, then sign-similarity DBSCAN.
 
   Args:
     beta: Jaccard threshold factor (eq. 3), paper default 0.6.
     gamma: clustering sensitivity, ``n = round(m * gamma)``, default 0.2.
-    guard: (ours) when DBSCAN would exclude more than half of the clients
-      that entered it, keep the largest cluster and the noise instead.
+    guard: (ours, default on) when DBSCAN would exclude more than half of
+      the clients that entered it, keep the largest cluster and the noise
+      instead. ``guard=False`` is the paper's literal rule.
 
   Returns:
     An :class:`Aggregator`. Diagnostics: ``jaccard_score f32[K]``,
     ``jaccard_threshold``, ``eps``, ``min_samples``, ``dbscan_labels
-    int32[K]`` (-1 noise or not clustered), ``guard_triggered``.
+    int32[K]`` (-1 noise or not clustered), ``guard_triggered`` and, when
+    ``ctx.extra`` has ``malicious``, ``escape_ratio``.
   """
   if not 0.0 <= beta:
     raise ValueError(f"safesparse: beta must be >= 0, got {beta}")
@@ -177,6 +205,9 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = False) -> Ag
         "dbscan_labels": labels,
         "guard_triggered": triggered,
     }
+    if "malicious" in ctx.extra:
+      diagnostics["escape_ratio"] = _escape.selection(acceptance,
+                                                      ctx.extra["malicious"])
     return AggOut(update, acceptance, diagnostics), state
 
   return Aggregator(init, apply)

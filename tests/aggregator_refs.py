@@ -1,0 +1,288 @@
+"""Numpy references of the aggregation rules (test oracles and benchmark baselines).
+
+Each function follows the formulas of ALGORITHMS.md sections 2-4 with plain
+numpy (scikit-learn for DBSCAN and k-means). The tests call them on tiny
+inputs (``dtype=np.float64``, the default, for exactness); the benchmark
+(benchmarks/aggregators.py) calls the same functions at scale with
+``dtype=np.float32``, the precision of the jitted rules. Distances go through
+Gram matrices so that K up to 100 at d = 700k fits in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.cluster import DBSCAN, KMeans
+
+
+def coord(masks, d, pack_size):
+  """``bool[K, n_packs]`` -> ``bool[K, d]`` per-coordinate masks."""
+  return np.repeat(masks, pack_size, axis=1)[:, :d]
+
+
+def np_combine(u, masks, w, a, pack_size, dtype=np.float64):
+  """Weighted mean of the accepted rows (FLARE Alg. 2 with masks)."""
+  u = np.asarray(u, dtype)
+  w = np.asarray(w, dtype) * np.asarray(a, dtype)
+  if masks is None:
+    return (w @ u) / w.sum() if w.sum() > 0 else np.zeros(u.shape[1], dtype)
+  cm = coord(masks, u.shape[1], pack_size)
+  num = w @ np.where(cm, u, 0)
+  den = w @ cm.astype(dtype)
+  return np.where(den > 0, num / np.where(den > 0, den, 1), 0)
+
+
+def np_median(u, contrib=None):
+  if contrib is None:
+    return np.median(u, axis=0)
+  return np.array([np.median(u[contrib[:, j], j]) if contrib[:, j].any() else 0.0
+                   for j in range(u.shape[1])])
+
+
+def np_trimmed(u, b=None, contrib=None, beta=None):
+  if contrib is None:
+    s = np.sort(u, axis=0)
+    return s[b:len(u) - b].mean(0)
+  out = []
+  for j in range(u.shape[1]):
+    v = np.sort(u[contrib[:, j], j])
+    c = len(v)
+    bj = math.floor(beta * c) if beta is not None else b
+    bj = min(bj, max(c - 1, 0) // 2)
+    out.append(v[bj:c - bj].mean() if c else 0.0)
+  return np.array(out)
+
+
+def np_sq_dists(u, dtype=np.float64):
+  """``[K, K]`` squared distances ``||a||^2 + ||b||^2 - 2<a, b>`` after centring."""
+  u = np.asarray(u, dtype)
+  u = u - u.mean(0)
+  g = u @ u.T
+  sq = np.diag(g)
+  d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * g, 0)
+  np.fill_diagonal(d2, 0)
+  return d2
+
+
+def np_krum_scores(u, f, dtype=np.float64):
+  """Sum of the squared distances to the ``K - f - 2`` nearest others."""
+  k = len(u)
+  d2 = np_sq_dists(u, dtype)
+  np.fill_diagonal(d2, np.inf)
+  return np.sort(d2, axis=1)[:, :k - f - 2].sum(1)
+
+
+def np_rfa(u, w, nu=0.1, iters=3, dtype=np.float64):
+  u = np.asarray(u, dtype)
+  alpha = w / w.sum()
+  v = alpha @ u
+  for _ in range(iters):
+    beta = alpha / np.maximum(nu, np.linalg.norm(v - u, axis=1))
+    v = beta @ u / beta.sum()
+  return v
+
+
+def np_cc(u, v, tau, iters):
+  for _ in range(iters):
+    z = u - v
+    n = np.linalg.norm(z, axis=1)
+    v = v + (np.minimum(1, tau / np.maximum(n, 1e-30))[:, None] * z).mean(0)
+  return v
+
+
+def np_sign_cos(s):
+  n = np.linalg.norm(s, axis=1)
+  g = s @ s.T
+  den = n[:, None] * n[None]
+  return np.where(den > 0, g / np.where(den > 0, den, 1), 0)
+
+
+def np_two_means_high(x):
+  s = np.sort(x)
+  best, thr = np.inf, None
+  for t in range(1, len(s)):
+    if s[t - 1] == s[t]:
+      continue
+    sse = ((s[:t] - s[:t].mean()) ** 2).sum() + ((s[t:] - s[t:].mean()) ** 2).sum()
+    if sse < best:
+      best, thr = sse, s[t]
+  return np.ones(len(x), bool) if thr is None else x >= thr
+
+
+def np_safesparse(u, masks, beta=0.6, gamma=0.2, guard=False, pack_size=1,
+                  dtype=np.float64):
+  """FLARE Alg. 1 (Jaccard filter, sign cosine on overlaps, DBSCAN); acceptance."""
+  k, d = u.shape
+  m_packs = np.ones((k, 1), bool) if masks is None else masks
+  mf = m_packs.astype(dtype)
+  inter = mf @ mf.T
+  size = mf.sum(1)
+  union = size[:, None] + size[None] - inter
+  jac = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+  score = (jac.sum(1) - np.diag(jac)) / (k - 1)
+  kept = score >= (score.max() + score.min()) / 2 * beta
+  cm = np.ones((k, d), bool) if masks is None else coord(masks, d, pack_size)
+  s = (np.sign(u) * cm).astype(dtype)
+  g = s @ s.T
+  # ||s_i restricted to M_i & M_j||^2 = number of nonzero signs of i inside M_j.
+  sq = np.abs(s) @ cm.T.astype(dtype)
+  den = np.sqrt(sq * sq.T)
+  cos = np.where(den > 0, g / np.where(den > 0, den, 1), 0)
+  dist = np.clip(1 - cos, 0.0, 2.0)
+  idx = np.flatnonzero(kept)
+  m = len(idx)
+  clustered = np.zeros(k, bool)
+  if m >= 2:
+    n = max(1, round(m * gamma))
+    sub = dist[np.ix_(idx, idx)]
+    kth = [np.sort(np.delete(sub[i], i))[min(n, m - 1) - 1] for i in range(m)]
+    eps = float(np.mean(kth))
+    labels = DBSCAN(eps=eps, min_samples=n, metric="precomputed").fit(sub).labels_
+    inc = labels >= 0
+    if guard and 2 * inc.sum() > m:
+      largest = np.bincount(labels[inc]).argmax()
+      inc = inc & (labels != largest)
+    clustered[idx] = inc
+  return kept & ~clustered
+
+
+def np_gas(u, w, p, base, f, perm, dtype=np.float64):
+  """GAS over the coordinate permutation ``perm``: (update, acceptance, scores)."""
+  k, d = u.shape
+  size = -(-d // p)
+  scores = np.zeros(k)
+  for g in range(p):
+    cols = perm[g * size:(g + 1) * size]
+    if not len(cols):
+      continue
+    sub = np.asarray(u[:, cols], dtype)
+    krum = np_krum_scores(sub, f, dtype)
+    if base == "krum":
+      agg = sub[np.argmin(krum)]
+    else:
+      sel = np.argsort(krum, kind="stable")[:k - 2 * f]
+      agg = np_trimmed(sub[sel], min(f, (len(sel) - 1) // 2))
+    scores += np.linalg.norm(sub - agg, axis=1)
+  accept = np.zeros(k)
+  accept[np.argsort(scores, kind="stable")[:k - f]] = 1
+  return np_combine(u, None, w, accept, 1, dtype), accept, scores
+
+
+def np_dnc(u, w, f, cols_list, c=1.0, dtype=np.float64):
+  k = len(u)
+  good = np.ones(k, bool)
+  for cols in cols_list:
+    sub = np.asarray(u[:, cols], dtype)
+    centred = sub - sub.mean(0)
+    v = np.linalg.svd(centred, full_matrices=False)[2][0]
+    scores = (centred @ v) ** 2
+    keep = np.zeros(k, bool)
+    keep[np.argsort(scores, kind="stable")[:k - int(c * f)]] = True
+    good &= keep
+  return np_combine(u, None, w, good.astype(float), 1, dtype), good
+
+
+def np_fltrust(u, g0, dtype=np.float64):
+  """(update, trust): ReLU cosine trust, rows rescaled to ||g0||."""
+  u = np.asarray(u, dtype)
+  g0 = np.asarray(g0, dtype)
+  norms = np.linalg.norm(u, axis=1)
+  cos = (u @ g0) / (norms * np.linalg.norm(g0))
+  trust = np.maximum(cos, 0)
+  update = (trust / norms) @ u * (np.linalg.norm(g0) / trust.sum())
+  return update, trust
+
+
+def np_lasa(u, slices, sparsity=0.3, lm=1.0, ld=1.0, dtype=np.float64):
+  """(update, acceptance); ``slices``: the layers' slices of the flat vector."""
+  u = np.asarray(u, dtype)
+  d = u.shape[1]
+  norms = np.linalg.norm(u, axis=1)
+  med = np.median(norms)
+  u = u * np.minimum(1, med / norms)[:, None]
+  n_keep = math.ceil(sparsity * d)
+  if n_keep < d:
+    thr = np.partition(np.abs(u), d - n_keep, axis=1)[:, d - n_keep]
+    u = np.where(np.abs(u) >= thr[:, None], u, 0)
+
+  def mz(x):
+    return (x - np.median(x)) / x.std() if x.std() > 0 else np.zeros_like(x)
+
+  out, kept_all = [], []
+  for sl in slices:
+    xl = u[:, sl]
+    s = np.sign(xl)
+    rho = 0.5 * (1 + s.sum(1) / np.maximum(np.abs(s).sum(1), 1e-30))
+    kept = (np.abs(mz(np.linalg.norm(xl, axis=1))) <= lm) & (np.abs(mz(rho)) <= ld)
+    if not kept.any():
+      kept[:] = True
+    out.append(xl[kept].mean(0))
+    kept_all.append(kept)
+  return np.concatenate(out), np.mean(kept_all, axis=0)
+
+
+def np_flguardian_trust(u, slices, dtype=np.float64):
+  """Per layer: 2-means on cosine and normalised distance; trust = benign share."""
+  u = np.asarray(u, dtype)
+  benign = []
+  for sl in slices:
+    xl = u[:, sl]
+    n = np.linalg.norm(xl, axis=1)
+    cos = xl @ xl.T / (n[:, None] * n[None])
+    dist = np.sqrt(np_sq_dists(xl, dtype))
+    feats = np.concatenate([cos, dist / dist.max()], axis=1)
+    labels = KMeans(n_clusters=2, n_init=10, random_state=0).fit(feats).labels_
+    big = np.argmax(np.bincount(labels, minlength=2))
+    benign.append(labels == big)
+  return np.mean(benign, axis=0)
+
+
+def np_topk_mask(scores, k):
+  """Exact top-k by magnitude, ties to the lower index."""
+  order = np.argsort(-np.abs(scores), kind="stable")
+  mask = np.zeros(len(scores), bool)
+  mask[order[:k]] = True
+  return mask
+
+
+def np_sparsefed_round(u, momentum, error, k, rho=0.9):
+  """One SparseFed server round without clipping: (delta, momentum, error)."""
+  momentum = rho * momentum + u.mean(0)
+  error = error + momentum
+  sel = np.zeros(len(error), bool)
+  sel[np.argpartition(-np.abs(error), k - 1)[:k]] = True
+  delta = np.where(sel, error, 0)
+  return delta, np.where(sel, 0, momentum), error - delta
+
+
+def np_fmix32(h):
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def np_fetchsgd_round(u, s_mom, s_err, k, seeds, cols, rho=0.9):
+  """One FetchSGD round (count sketch, zeroing the touched cells)."""
+  d = u.shape[1]
+  rows = len(seeds)
+  i = np.arange(d, dtype=np.uint32)
+  buckets, signs = [], []
+  for j in range(rows):
+    buckets.append((np_fmix32(i ^ seeds[j, 0]) % np.uint32(cols)).astype(np.int64))
+    signs.append(1.0 - 2.0 * (np_fmix32(i ^ seeds[j, 1]) >> np.uint32(31)).astype(np.float32))
+  mean = u.mean(0)
+  table = np.stack([np.bincount(buckets[j], weights=signs[j] * mean, minlength=cols)
+                    for j in range(rows)])
+  s_mom = rho * s_mom + table
+  s_err = s_err + s_mom
+  est = np.median(np.stack([s_err[j][buckets[j]] * signs[j] for j in range(rows)]), axis=0)
+  sel = np.zeros(d, bool)
+  sel[np.argpartition(-np.abs(est), k - 1)[:k]] = True
+  delta = np.where(sel, est, 0)
+  touched = np.zeros((rows, cols), bool)
+  for j in range(rows):
+    touched[j, buckets[j][sel]] = True
+  return delta, np.where(touched, 0, s_mom), np.where(touched, 0, s_err)
