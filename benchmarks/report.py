@@ -80,8 +80,15 @@ def attacks(r: dict) -> str:
   return "\n".join(out)
 
 
+def aggregators(r: dict) -> str:
+  return (f"Aggregators (`benchmarks/aggregators.py`, {r['cpu_count']} cores, load "
+          f"average {r['load_average_at_end'][0]:.1f}): {r['notes']}\n\n"
+          + r["table_markdown"].strip())
+
+
 SECTIONS = {"round_throughput.json": round_throughput,
-            "sparsify.json": sparsify, "attacks.json": attacks}
+            "sparsify.json": sparsify, "attacks.json": attacks,
+            "aggregators.json": aggregators}
 
 
 def main():

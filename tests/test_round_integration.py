@@ -198,3 +198,20 @@ def test_sparsefed_k_larger_than_d_fails_before_compiling():
   from fedjax_sparse.simulation.experiment import Experiment
   with pytest.raises(ValueError, match="k"):
     Experiment(cfg)
+
+
+def test_escape_ratio_and_class_aware_masking_from_flags(tmp_path):
+  from fedjax_sparse.simulation import io
+  cfg = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=6,
+                         clients_per_round=6, rounds=2, batch_size=16, lr=0.1,
+                         attack="alie", malicious_fraction=0.34,
+                         attack_start=1, aggregator="trimmed_mean",
+                         output_dir=str(tmp_path / "tm"))
+  run_experiment(cfg, progress=False)
+  recs = io.read_jsonl(tmp_path / "tm" / "rounds.jsonl")
+  assert all(0.0 <= r["escape_ratio"] <= 1.0 for r in recs)
+  cam = dataclasses.replace(cfg, attack="none", malicious_fraction=0.0,
+                            aggregator="class_aware_masking", val_size=120,
+                            output_dir=str(tmp_path / "cam"))
+  summary = run_experiment(cam, progress=False)
+  assert summary["final_accuracy"] > 0.3

@@ -411,6 +411,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
           "num_malicious": n_mal,
           "tpr": int(metrics["flagged_malicious"]) / n_mal if n_mal else None,
           "fpr": int(metrics["flagged_benign"]) / n_ben if n_ben else None})
+      # Escape ratios of the rule (hybrid paper 2.4), when it reports them.
+      rec.update({k[len("agg/"):]: float(v) for k, v in metrics.items()
+                  if k.startswith("agg/escape_ratio")})
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
       ev = exp.eval_state(state)
       rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
