@@ -316,7 +316,13 @@ class Experiment:
   def _model_aware_args(self) -> dict:
     """What class-aware masking needs: the model and per-class validation data."""
     from jax.flatten_util import ravel_pytree
-    per_class = max(1, len(self.fd.y_val) // (2 * self.fd.num_classes))
+    # Every class gets as many examples as the rarest class has.
+    counts = np.bincount(np.asarray(self.fd.y_val),
+                         minlength=self.fd.num_classes)
+    if counts.min() == 0:
+      raise ValueError("class_aware_masking needs validation examples of every "
+                       f"class; raise --val_size (now {self.cfg.val_size})")
+    per_class = int(counts.min())
     val_x, val_y = data_lib.per_class_validation(self.fd, per_class)
     return {"apply_fn": self.model.apply,
             "unravel": ravel_pytree(self.variables["params"])[1],
