@@ -51,7 +51,7 @@ TOL = 1e-2
 
 
 # Columns per step of :func:`centred_gram`'s loop.
-GRAM_CHUNK = 4096
+GRAM_CHUNK = 1024
 
 
 def _dot_rows(a: Array) -> Array:
@@ -63,10 +63,11 @@ def centred_gram(updates: Array, centre: Array) -> Array:
   """``f32[K, K]`` Gram matrix of ``updates - centre``, never written out.
 
   A ``fori_loop`` over column chunks of :data:`GRAM_CHUNK` forms each chunk
-  of centred rows and adds its ``[K, K]`` product. Measured (2-core dev
-  machine, loaded): K = 25, d = 270k in 9-11 ms, against 22 ms for
-  ``_common.gram`` of a centred copy (unrolled chunks of 16384) and 26 ms for
-  one product; K = 100, d = 700k in 190-200 ms (one product: 170-290 ms).
+  of centred rows and adds its ``[K, K]`` product. Measured on the 2-core
+  dev machine (best of 6, interleaved): K = 25, d = 270k in 7.4 ms with
+  1024-column chunks (9.8 ms with 4096, 13 ms with 65536, 29 ms for one
+  product; ``_common.gram`` of a centred copy, unrolled chunks of 16384: 22
+  ms); K = 50: 26 ms (4096: 34 ms, one product: 91 ms); K = 100: 46 ms.
   Unrolling 4096-column chunks instead compiled for 23 s at d = 700k.
   """
   k, d = updates.shape
