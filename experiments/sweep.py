@@ -28,16 +28,39 @@ Attack and aggregator hyperparameters that differ per name go in
 ``'ipm:eps=0.4;label_flip:mapping=circular'``; a name without an entry gets
 ``--attack_args`` / ``--aggregator_args``.
 
+Defence presets: a name in ``--aggregators`` may also be a preset, an
+aggregation rule together with other configuration fields, for the baselines
+that change local training rather than aggregation. Built in
+(:data:`DEFENCE_PRESETS`): ``fedprox`` (fedavg with ``prox_mu=0.01``) and
+``scaffold`` (fedavg with ``scaffold=True``). ``--presets`` defines more or
+replaces these, e.g.
+``'fedprox:prox_mu=0.1;sf:aggregator=sparsefed,aggregator_args=k=0.05,rho=0'``
+(fields of :class:`ExperimentConfig`; ``aggregator`` names the rule, fedavg
+when left out; quote a value holding a ``name=`` pair whose name is also a
+field: ``aggregator_args='k=0.01,weighted=False'``). A preset's cells, rows and
+columns are named by the preset (``ipm__fedprox__mf0.2__dense__seed0``), and
+``--aggregator_args_by_name`` keyed by a preset's name applies to it (before
+the preset's own ``aggregator_args``, then the rule's entry).
+
 After the cells (or right away with ``--report_only``) the binary writes,
 atomically, into ``--output_dir``:
 
-* ``results.csv``: one row per cell;
+* ``results.csv``: one row per cell (its ``aggregator`` column names the
+  defence: the preset for a preset's cells);
 * ``results.md``: final accuracy (mean over seeds), attacks as rows and
-  defences as columns, one table per (malicious fraction, top-k ratio), and
-  the final attack success rate of backdoor attacks;
+  defences as columns, one table per (malicious fraction, top-k ratio); in
+  the same layout, where some finished cell reports them, the final attack
+  success rate (backdoor attacks), targeted accuracy, outsized impact factor
+  (OIF) and L1 distance to the unattacked twin; the mean TPR / FPR of the
+  defences that flag clients; and the presets used;
 * ``heatmap.png``: the same accuracy tables as annotated heatmaps;
-* ``curves_<attack>.png``: test accuracy (and ASR) per round of every
-  defence under that attack (mean over seeds), the attack start marked.
+* ``curves_<attack>.png``: test accuracy (and ASR, targeted accuracy) per
+  round of every defence under that attack (mean over seeds), the attack
+  start marked.
+
+A cell counts as finished when its ``summary.json`` holds its configuration;
+fields added to :class:`ExperimentConfig` after the run count as equal when
+the cell keeps their default.
 
 Every cell is checked (names, ranges, hyperparameters, the dataset) before
 any is run; a bad flag fails with a message saying what to change.
@@ -53,6 +76,7 @@ import io as _io
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -69,8 +93,9 @@ from fedjax_sparse.simulation.experiment import ExperimentConfig, parse_kwargs
 
 flags.DEFINE_list("attacks", [], "Attacks of the grid (comma-separated; "
                   "'none' = no attack). Empty: --attack.")
-flags.DEFINE_list("aggregators", [], "Defences (aggregators) of the grid. "
-                  "Empty: --aggregator.")
+flags.DEFINE_list("aggregators", [], "Defences of the grid: aggregators or "
+                  "defence presets (fedprox, scaffold, --presets). Empty: "
+                  "--aggregator.")
 flags.DEFINE_list("malicious_fractions", [], "Malicious fractions of the grid. "
                   "Empty: --malicious_fraction.")
 flags.DEFINE_list("topk_ratios", [], "Top-k ratios of the grid (needs "
@@ -78,9 +103,14 @@ flags.DEFINE_list("topk_ratios", [], "Top-k ratios of the grid (needs "
 flags.DEFINE_list("seeds", [], "Seeds of the grid. Empty: --seed.")
 flags.DEFINE_string("attack_args_by_name", "", "Per-attack hyperparameters: "
                     "'name:k=v,k=v;name:k=v' (others get --attack_args).")
-flags.DEFINE_string("aggregator_args_by_name", "", "Per-aggregator "
-                    "hyperparameters: 'name:k=v,k=v;name:k=v' (others get "
-                    "--aggregator_args).")
+flags.DEFINE_string("aggregator_args_by_name", "", "Per-aggregator (or "
+                    "per-preset) hyperparameters: 'name:k=v,k=v;name:k=v' "
+                    "(others get --aggregator_args).")
+flags.DEFINE_string("presets", "", "Defence presets usable in --aggregators: "
+                    "'name:field=value,field=value;name:...' (fields of "
+                    "ExperimentConfig; aggregator names the rule, fedavg when "
+                    "left out). Replaces a built-in preset of that name "
+                    "(fedprox, scaffold).")
 flags.DEFINE_boolean("report_only", False, "Do not run: write the report "
                      "from the cells already on disk.")
 flags.DEFINE_boolean("cell_progress", False, "Show a progress bar per cell.")
@@ -92,6 +122,21 @@ ATTACK_ALIASES = {"lfa": "label_flip", "bit_flip": "sign_flip",
 AGGREGATOR_ALIASES = {"cm": "median", "tm": "trimmed_mean",
                       "cc": "centered_clipping", "mkrum": "multi_krum",
                       "m_krum": "multi_krum"}
+# Defence presets: the baselines that are an aggregation rule plus a client
+# or server setting. FedProx (Li et al., MLSys 2020, eq. 2) adds
+# mu/2 ||w - w_t||^2 to the local loss; mu = 0.01 is the value the
+# class-aware masking paper sets for its FedProx baseline following prior
+# work (class_aware_masking.txt 5.1.5). SCAFFOLD (Karimireddy et al., ICML
+# 2020) corrects local steps with control variates.
+DEFENCE_PRESETS = {
+    "fedprox": {"aggregator": "fedavg", "prox_mu": 0.01},
+    "scaffold": {"aggregator": "fedavg", "scaffold": True},
+}
+# Axes of the grid other than the defence: a preset may not set them.
+_GRID_FIELDS = ("attack", "attack_args", "malicious_fraction", "topk_ratio",
+                "seed", "output_dir")
+# Fields whose values are 'name=value,...' lists (may hold commas).
+_ARGS_FIELDS = ("aggregator_args", "attack_args")
 # Fields of ExperimentConfig that decide the federated data (cells that agree
 # on them share one FederatedData).
 _DATA_FIELDS = ("dataset", "data_dir", "max_train", "val_size", "partition",
@@ -100,16 +145,28 @@ _DATA_FIELDS = ("dataset", "data_dir", "max_train", "val_size", "partition",
 CSV_COLUMNS = ("cell", "status", "attack", "aggregator", "malicious_fraction",
                "sparsify", "topk_ratio", "seed", "rounds", "final_accuracy",
                "best_accuracy", "final_top5_accuracy", "final_asr",
-               "mean_tpr", "mean_fpr", "uplink_bits_total",
-               "downlink_bits_total", "wall_seconds", "compile_seconds")
+               "final_l1_to_twin", "final_twin_accuracy",
+               "final_targeted_accuracy", "final_oif", "mean_tpr", "mean_fpr",
+               "uplink_bits_total", "downlink_bits_total", "wall_seconds", "compile_seconds")
+# The columns read from summary.json.
+_SUMMARY_COLUMNS = CSV_COLUMNS[CSV_COLUMNS.index("final_accuracy"):]
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One configuration of the grid and where its results go."""
+  """One configuration of the grid and where its results go.
+
+  Attributes:
+    name: the cell's name (its directory under the sweep's output).
+    config: the cell's configuration.
+    preset: the defence preset the cell runs ("" for a plain rule).
+    preset_fields: the preset's ``(field, value)`` pairs.
+  """
 
   name: str
   config: ExperimentConfig
+  preset: str = ""
+  preset_fields: tuple = ()
 
   @property
   def attack(self) -> str:
@@ -117,7 +174,13 @@ class Cell:
 
   @property
   def aggregator(self) -> str:
+    """The aggregation rule (a preset's rule for a preset cell)."""
     return self.config.aggregator
+
+  @property
+  def defence(self) -> str:
+    """The defence's name in reports: the preset, else the rule."""
+    return self.preset or self.config.aggregator
 
   @property
   def malicious_fraction(self) -> float:
@@ -140,11 +203,16 @@ def _num(x: float) -> str:
   return f"{x:g}"
 
 
-def cell_name(cfg: ExperimentConfig) -> str:
-  """``<attack>__<aggregator>__mf<fraction>__topk<ratio>|dense__seed<seed>``."""
+def cell_name(cfg: ExperimentConfig, defence: Optional[str] = None) -> str:
+  """``<attack>__<defence>__mf<fraction>__topk<ratio>|dense__seed<seed>``.
+
+  Args:
+    cfg: the cell's configuration.
+    defence: the preset's name, in place of ``cfg.aggregator``.
+  """
   ratio = f"topk{_num(cfg.topk_ratio)}" if cfg.sparsify == "topk" else "dense"
-  return (f"{cfg.attack}__{cfg.aggregator}__mf{_num(cfg.malicious_fraction)}"
-          f"__{ratio}__seed{cfg.seed}")
+  return (f"{cfg.attack}__{defence or cfg.aggregator}"
+          f"__mf{_num(cfg.malicious_fraction)}__{ratio}__seed{cfg.seed}")
 
 
 def parse_args_by_name(text: str, what: str) -> dict[str, str]:
@@ -158,6 +226,160 @@ def parse_args_by_name(text: str, what: str) -> dict[str, str]:
     parse_kwargs(args, f"{what}_args of {name}")
     out[name] = args
   return out
+
+
+def _config_fields() -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _split_preset_fields(text: str) -> list[tuple[str, str]]:
+  """``'aggregator=sparsefed,aggregator_args=k=0.01,clip_norm=5'`` -> pairs.
+
+  A comma starts a new pair when a ``name=`` follows (the rule of
+  :func:`parse_kwargs`), unless the open value is a quoted string, or it
+  belongs to an ``*_args`` field and ``name`` is no ExperimentConfig field:
+  then the comma and the pair are part of that value.
+  """
+  fields = _config_fields()
+  pairs: list[list[str]] = []
+  for item in filter(None, (t.strip() for t in
+                            re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text))):
+    if pairs:
+      key, value = pairs[-1]
+      quote = value[:1]
+      unclosed = (quote in ("'", '"')
+                  and (len(value) < 2 or not value.endswith(quote)))
+      name = item.split("=", 1)[0].strip()
+      if unclosed or (key in _ARGS_FIELDS and name not in fields):
+        pairs[-1][1] = f"{value},{item}"
+        continue
+    if "=" not in item:
+      raise ValueError(f"bad preset field {item!r}: write field=value pairs "
+                       "separated by commas")
+    key, value = (t.strip() for t in item.split("=", 1))
+    pairs.append([key, value])
+  return [(k, v) for k, v in pairs]
+
+
+def _unquote(value: str) -> str:
+  if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
+    return value[1:-1]
+  return value
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+  """``value`` (a flag string or a Python value) as the field's type."""
+  if isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    text = _unquote(str(value)).strip().lower()
+    if text in ("true", "1", "yes"):
+      return True
+    if text in ("false", "0", "no"):
+      return False
+    raise ValueError(f"{where} takes true or false, got {value!r}")
+  if isinstance(default, (int, float)):
+    kind = type(default)
+    try:
+      if isinstance(value, str):
+        value = _unquote(value).strip()
+        out = kind(float(value)) if kind is int else float(value)
+        if kind is int and out != float(value):
+          raise ValueError
+        return out
+      if isinstance(value, bool):
+        raise ValueError
+      return kind(value)
+    except (TypeError, ValueError):
+      raise ValueError(f"{where} takes "
+                       f"{'an integer' if kind is int else 'a number'}, got "
+                       f"{value!r}") from None
+  if value is None:
+    return None
+  return _unquote(value) if isinstance(value, str) else value
+
+
+def preset_fields(name: str, fields: Any) -> dict[str, Any]:
+  """A preset's configuration fields, checked and typed.
+
+  Args:
+    name: the preset's name (lower case, letters, digits, ``_``, ``-``,
+      ``.``; no ``__``; not an aggregator's name or alias).
+    fields: ``{field: value}`` or the text ``'field=value,field=value'``;
+      ``aggregator`` (an alias is resolved) defaults to ``fedavg``.
+
+  Returns:
+    ``{field: value}`` with the values of the fields' types and
+    ``aggregator`` set.
+
+  Raises:
+    ValueError: a bad name, an unknown field (the message lists the valid
+      ones), a field of the grid, a value of the wrong type or an unknown
+      aggregator.
+  """
+  from fedjax_sparse import aggregators as aggregators_lib
+  if (not re.fullmatch(r"[a-z0-9][a-z0-9_.\-]*", name) or "__" in name):
+    raise ValueError(f"bad preset name {name!r}: use lower-case letters, "
+                     "digits, '_', '-' and '.' (no '__')")
+  if name in aggregators_lib.names() or name in AGGREGATOR_ALIASES:
+    raise ValueError(f"preset {name!r} has an aggregator's name: choose "
+                     "another name")
+  pairs = (_split_preset_fields(fields) if isinstance(fields, str)
+           else list(dict(fields).items()))
+  known = _config_fields()
+  valid = [f for f in known if f not in _GRID_FIELDS]
+  has_args = any(k in _ARGS_FIELDS for k, _ in pairs)
+  hint = ("; quote an aggregator_args value that holds it: "
+          "aggregator_args='k=1,seed=0'" if has_args else "")
+  out = {}
+  for key, value in pairs:
+    if key not in known:
+      raise ValueError(f"preset {name!r}: unknown field {key!r}; valid "
+                       f"fields: {', '.join(valid)}{hint}")
+    if key in _GRID_FIELDS:
+      raise ValueError(f"preset {name!r} sets {key!r}, an axis of the grid "
+                       "(set it with the grid flags); valid fields: "
+                       f"{', '.join(valid)}{hint}")
+    if key in out:
+      raise ValueError(f"preset {name!r} sets {key!r} twice")
+    f = known[key]
+    default = (f.default if f.default is not dataclasses.MISSING
+               else f.default_factory())
+    out[key] = _coerce(value, default, f"field {key!r} of preset {name!r}")
+  rule = _canonical(str(out.get("aggregator", "fedavg")), AGGREGATOR_ALIASES)
+  if rule not in aggregators_lib.names():
+    raise ValueError(f"preset {name!r} names an unknown aggregator {rule!r}; "
+                     f"known aggregators: {', '.join(aggregators_lib.names())}")
+  out = {"aggregator": rule, **{k: v for k, v in out.items()
+                                 if k != "aggregator"}}
+  if "aggregator_args" in out:
+    parse_kwargs(out["aggregator_args"], f"aggregator_args of preset {name}")
+  return out
+
+
+def parse_presets(text: str) -> dict[str, str]:
+  """``'fedprox:prox_mu=0.1;sf:aggregator=sparsefed'`` -> ``{name: fields}``.
+
+  The fields stay text; :func:`make_cells` checks them
+  (:func:`preset_fields`).
+  """
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if ":" not in item:
+      raise ValueError(f"bad --presets entry {item!r}: write "
+                       "'name:field=value,field=value' entries separated by "
+                       "';'")
+    name, fields = (t.strip() for t in item.split(":", 1))
+    out[name.lower()] = fields
+  return out
+
+
+def resolve_presets(presets: Optional[dict] = None) -> dict[str, dict]:
+  """The built-in presets with ``presets`` (name -> fields) over them, all
+  checked by :func:`preset_fields`."""
+  table = {**DEFENCE_PRESETS,
+           **{k.strip().lower(): v for k, v in (presets or {}).items()}}
+  return {name: preset_fields(name, fields) for name, fields in table.items()}
 
 
 def _floats(values: Sequence[str], flag: str) -> list[float]:
@@ -194,22 +416,49 @@ def make_cells(base: ExperimentConfig,
                topk_ratios: Sequence[float] = (),
                seeds: Sequence[int] = (),
                attack_args_by_name: Optional[dict] = None,
-               aggregator_args_by_name: Optional[dict] = None) -> list[Cell]:
+               aggregator_args_by_name: Optional[dict] = None,
+               presets: Optional[dict] = None) -> list[Cell]:
   """The grid's cells (seed-major, deduplicated), each with its own
   ``output_dir`` under ``base.output_dir``.
 
   An empty sequence keeps the base configuration's value. Attack ``"none"``
   forces the malicious fraction to 0 (and drops the attack arguments).
+
+  Args:
+    base: the configuration every cell starts from.
+    attacks: attack names (aliases allowed; ``"none"``: no attack).
+    aggregators: defences: aggregator names (aliases allowed) or preset
+      names (:data:`DEFENCE_PRESETS` and ``presets``).
+    malicious_fractions: malicious fractions of the grid.
+    topk_ratios: top-k ratios of the grid.
+    seeds: seeds of the grid.
+    attack_args_by_name: attack name -> ``"k=v,k=v"``.
+    aggregator_args_by_name: aggregator or preset name -> ``"k=v,k=v"``; a
+      preset's entry comes first, then the preset's ``aggregator_args``,
+      then its rule's entry, then ``base.aggregator_args``.
+    presets: preset name -> fields (``{field: value}`` or
+      ``"field=value,..."``), defining presets or replacing built-in ones.
+
+  Raises:
+    ValueError: an unknown name in the ``*_by_name`` tables, a bad preset,
+      several top-k ratios without top-k sparsification.
   """
+  table = resolve_presets(presets)
+
+  def defence(name: str) -> str:
+    name = name.strip()
+    return name.lower() if name.lower() in table else _canonical(
+        name, AGGREGATOR_ALIASES)
+
   attacks = [_canonical(a, ATTACK_ALIASES) for a in attacks] or [base.attack]
-  aggregators = ([_canonical(a, AGGREGATOR_ALIASES) for a in aggregators]
-                 or [base.aggregator])
+  aggregators = list(dict.fromkeys(
+      defence(a) for a in (list(aggregators) or [base.aggregator])))
   fractions = list(malicious_fractions) or [base.malicious_fraction]
   ratios = list(topk_ratios) or [base.topk_ratio]
   seeds = list(seeds) or [base.seed]
   attack_args_by_name = {_canonical(k, ATTACK_ALIASES): v for k, v in
                          (attack_args_by_name or {}).items()}
-  aggregator_args_by_name = {_canonical(k, AGGREGATOR_ALIASES): v for k, v in
+  aggregator_args_by_name = {defence(k): v for k, v in
                              (aggregator_args_by_name or {}).items()}
   if base.sparsify != "topk" and len(set(ratios)) > 1:
     raise ValueError("--topk_ratios has several values but --sparsify="
@@ -221,30 +470,40 @@ def make_cells(base: ExperimentConfig,
       raise ValueError(f"--attack_args_by_name names an unknown attack "
                        f"{name!r}; known attacks: {', '.join(attacks_lib.names())}")
   for name in aggregator_args_by_name:
-    if name not in aggregators_lib.names():
+    if name not in aggregators_lib.names() and name not in table:
       raise ValueError(f"--aggregator_args_by_name names an unknown "
                        f"aggregator {name!r}; known aggregators: "
-                       f"{', '.join(aggregators_lib.names())}")
+                       f"{', '.join(aggregators_lib.names())}; presets: "
+                       f"{', '.join(sorted(table))}")
   root = base.output_dir
   cells: dict[str, Cell] = {}
   for seed in seeds:
     for attack in attacks:
       for agg in aggregators:
+        fields = dict(table.get(agg, {"aggregator": agg}))
+        rule = fields["aggregator"]
+        if agg in table and agg in aggregator_args_by_name:
+          agg_args = aggregator_args_by_name[agg]
+        elif "aggregator_args" in fields:
+          agg_args = fields["aggregator_args"]
+        else:
+          agg_args = aggregator_args_by_name.get(rule, base.aggregator_args)
+        fields["aggregator_args"] = agg_args
         for frac in fractions:
           for ratio in ratios:
             cfg = dataclasses.replace(
-                base, attack=attack, aggregator=agg, seed=int(seed),
+                base, **fields, attack=attack, seed=int(seed),
                 malicious_fraction=0.0 if attack == "none" else float(frac),
                 attack_args=("" if attack == "none" else
                              attack_args_by_name.get(attack, base.attack_args)),
-                aggregator_args=aggregator_args_by_name.get(
-                    agg, base.aggregator_args),
                 topk_ratio=float(ratio))
-            name = cell_name(cfg)
+            preset = agg if agg in table else ""
+            name = cell_name(cfg, preset or None)
             if name not in cells:
               cfg = dataclasses.replace(
                   cfg, output_dir=os.path.join(root, name) if root else "")
-              cells[name] = Cell(name, cfg)
+              cells[name] = Cell(name, cfg, preset, tuple(
+                  (k, v) for k, v in table[agg].items()) if preset else ())
   return list(cells.values())
 
 
@@ -265,7 +524,8 @@ def cells_from_flags(fv: flags.FlagValues = FLAGS) -> list[Cell]:
       _floats(fv.malicious_fractions, "malicious_fractions"),
       _floats(fv.topk_ratios, "topk_ratios"), _ints(fv.seeds, "seeds"),
       parse_args_by_name(fv.attack_args_by_name, "attack"),
-      parse_args_by_name(fv.aggregator_args_by_name, "aggregator"))
+      parse_args_by_name(fv.aggregator_args_by_name, "aggregator"),
+      parse_presets(fv.presets))
 
 
 def _check_hyperparameters(cfg: ExperimentConfig) -> None:
@@ -333,10 +593,40 @@ def _read_json(path: str) -> Optional[dict]:
     return None
 
 
+def _field_defaults() -> dict:
+  out = {}
+  for f in dataclasses.fields(ExperimentConfig):
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      out[f.name] = f.default_factory()
+  return json.loads(json.dumps(out))
+
+
+def same_config(saved: Any, cfg: ExperimentConfig) -> bool:
+  """Whether a saved ``summary.json`` configuration is ``cfg``'s.
+
+  Tolerant of fields added to :class:`ExperimentConfig` since the run: a
+  field missing from ``saved`` counts as equal when ``cfg`` keeps its
+  default; keys of ``saved`` that are no longer fields are ignored.
+  """
+  if not isinstance(saved, dict):
+    return False
+  defaults = _field_defaults()
+  for key, value in _config_dict(cfg).items():
+    if key in saved:
+      if saved[key] != value:
+        return False
+    elif key not in defaults or defaults[key] != value:
+      return False
+  return True
+
+
 def finished(cell: Cell) -> bool:
-  """Whether the cell's ``summary.json`` holds a run of its configuration."""
+  """Whether the cell's ``summary.json`` holds a run of its configuration
+  (see :func:`same_config`)."""
   summary = _read_json(os.path.join(cell.dir, "summary.json"))
-  return bool(summary) and summary.get("config") == _config_dict(cell.config)
+  return bool(summary) and same_config(summary.get("config"), cell.config)
 
 
 def run_cells(cells: Sequence[Cell], progress: bool = False,
@@ -388,7 +678,8 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
 
 def _load(cell: Cell) -> tuple[str, Optional[dict], list[dict]]:
   summary = _read_json(os.path.join(cell.dir, "summary.json"))
-  if summary is not None and summary.get("config") != _config_dict(cell.config):
+  if summary is not None and not same_config(summary.get("config"),
+                                             cell.config):
     summary = None  # another configuration (e.g. fewer rounds): not a result
   rounds_path = os.path.join(cell.dir, "rounds.jsonl")
   records = io.read_jsonl(rounds_path) if os.path.exists(rounds_path) else []
@@ -408,12 +699,12 @@ def _row(cell: Cell, status: str, summary: Optional[dict]) -> dict:
   s = summary or {}
   return {
       "cell": cell.name, "status": status, "attack": cell.attack,
-      "aggregator": cell.aggregator,
+      "aggregator": cell.defence,
       "malicious_fraction": cell.malicious_fraction,
       "sparsify": cell.config.sparsify,
       "topk_ratio": "" if cell.topk_ratio is None else cell.topk_ratio,
       "seed": cell.seed, "rounds": cell.config.rounds,
-      **{k: s.get(k) for k in CSV_COLUMNS[9:]}}
+      **{k: s.get(k) for k in _SUMMARY_COLUMNS}}
 
 
 def _fmt(x: Any) -> str:
@@ -422,8 +713,12 @@ def _fmt(x: Any) -> str:
   return repr(x) if isinstance(x, float) else str(x)
 
 
+def _has_value(x: Any) -> bool:
+  return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def _mean_std(values: list) -> tuple[float, float, int]:
-  v = [x for x in values if x is not None]
+  v = [x for x in values if _has_value(x)]
   if not v:
     return math.nan, math.nan, 0
   return float(np.mean(v)), float(np.std(v)), len(v)
@@ -460,7 +755,8 @@ def _panel_title(frac, ratio) -> str:
   return f"malicious fraction {frac:g}, {r}"
 
 
-def _markdown_table(m: np.ndarray, attacks, aggregators) -> list[str]:
+def _markdown_table(m: np.ndarray, attacks, aggregators,
+                    fmt: str = "{:.4f}") -> list[str]:
   lines = ["| attack \\ defence | " + " | ".join(aggregators) + " |",
            "|---|" + "---:|" * len(aggregators)]
   for i, a in enumerate(attacks):
@@ -470,22 +766,101 @@ def _markdown_table(m: np.ndarray, attacks, aggregators) -> list[str]:
       if n == 0:
         cells.append("-")
       elif n > 1:
-        cells.append(f"{mean:.4f} ± {std:.4f}")
+        cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
       else:
-        cells.append(f"{mean:.4f}")
+        cells.append(fmt.format(mean))
     lines.append(f"| {a} | " + " | ".join(cells) + " |")
   return lines
+
+
+# Per-round record keys averaged over seeds for the curves.
+_CURVE_KEYS = ("accuracy", "asr", "targeted_accuracy", "twin_accuracy",
+               "l1_to_twin", "oif")
+# Of those, the ones plotted (each where some record has it).
+_PLOTTED_KEYS = ("accuracy", "asr", "targeted_accuracy")
 
 
 def _mean_curve(runs: list[list[dict]]) -> list[dict]:
   by_round = collections.defaultdict(lambda: collections.defaultdict(list))
   for records in runs:
     for r in records:
-      for k in ("accuracy", "asr"):
-        if r.get(k) is not None:
+      for k in _CURVE_KEYS:
+        if _has_value(r.get(k)):
           by_round[r["round"]][k].append(r[k])
   return [{"round": rnd, **{k: float(np.mean(v)) for k, v in d.items()}}
           for rnd, d in sorted(by_round.items())]
+
+
+# Tables of results.md after the accuracy tables: summary key, title, what
+# the values are, number format. Each appears when a finished cell has it,
+# with the attacks that have it as rows.
+_METRIC_TABLES = (
+    ("final_asr", "Final attack success rate (backdoor attacks)", "", "{:.4f}"),
+    ("final_targeted_accuracy", "Final targeted accuracy",
+     "Accuracy on the attack's targeted task at the last evaluation.",
+     "{:.4f}"),
+    ("final_oif", "Final outsized impact factor (OIF)",
+     "|X_m| / (I n) of sparsefed.txt B.1.6: 1 means the attackers poisoned "
+     "the share of the data their share of the clients entitles them to.",
+     "{:.4f}"),
+    ("final_l1_to_twin", "Final L1 distance to the unattacked twin",
+     "||w - w_twin||_1 between the final model and the same run without "
+     "attackers (sparsefed.txt Table 2).", "{:.4g}"),
+)
+
+
+def _detection_lines(done: list[dict], attacks: list[str],
+                     aggregators: list[str]) -> list[str]:
+  """Mean TPR / FPR tables of the defences that flagged some client."""
+  attacked = [r for r in done if r["attack"] != "none"]
+  filtering = [g for g in aggregators if any(
+      r["aggregator"] == g and any(_has_value(r.get(k)) and r[k] > 0
+                                   for k in ("mean_tpr", "mean_fpr"))
+      for r in attacked)]
+  rows = [a for a in attacks if a != "none" and any(
+      r["attack"] == a and r["aggregator"] in filtering for r in attacked)]
+  if not filtering or not rows:
+    return []
+  sub = [r for r in attacked if r["aggregator"] in filtering]
+  tpr = _panels(sub, "mean_tpr", rows, filtering)
+  fpr = _panels(sub, "mean_fpr", rows, filtering)
+  md = ["# Detection: mean TPR / FPR", "",
+        "Mean over the attacked rounds (and over seeds) of the share of "
+        "malicious clients flagged (TPR) and of benign clients flagged "
+        "(FPR), for the defences that flagged some client.", ""]
+  for combo, t in tpr.items():
+    f = fpr[combo]
+    md += [f"## {_panel_title(*combo)}", "",
+           "| attack \\ defence | " + " | ".join(filtering) + " |",
+           "|---|" + "---:|" * len(filtering)]
+    for i, a in enumerate(rows):
+      vals = []
+      for j in range(len(filtering)):
+        (tm, _, tn), (fm, _, fn) = t[i, j], f[i, j]
+        vals.append("-" if tn == 0 and fn == 0 else
+                    f"{_fmt_or_dash(tm, tn)} / {_fmt_or_dash(fm, fn)}")
+      md.append(f"| {a} | " + " | ".join(vals) + " |")
+    md.append("")
+  return md
+
+
+def _fmt_or_dash(mean: float, n: int) -> str:
+  return "-" if n == 0 else f"{mean:.4f}"
+
+
+def _preset_lines(cells: Sequence[Cell]) -> list[str]:
+  used = {}
+  for c in cells:
+    if c.preset and c.preset not in used:
+      fields = dict(c.preset_fields)
+      fields["aggregator_args"] = c.config.aggregator_args
+      used[c.preset] = ", ".join(f"{k}={v!r}" if isinstance(v, str) else
+                                 f"{k}={v}" for k, v in fields.items()
+                                 if k != "aggregator_args" or v)
+  if not used:
+    return []
+  return (["# Defence presets", ""]
+          + [f"- {name}: {text}" for name, text in used.items()] + [""])
 
 
 def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
@@ -500,7 +875,7 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   from fedjax_sparse.simulation import plots
   os.makedirs(output_dir, exist_ok=True)
   attacks = list(dict.fromkeys(c.attack for c in cells))
-  aggregators = list(dict.fromkeys(c.aggregator for c in cells))
+  aggregators = list(dict.fromkeys(c.defence for c in cells))
   rows, curves = [], collections.defaultdict(list)
   for cell in cells:
     status, summary, records = _load(cell)
@@ -533,15 +908,19 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   for (frac, ratio), m in acc.items():
     md += [f"## {_panel_title(frac, ratio)}", ""]
     md += _markdown_table(m, attacks, aggregators) + [""]
-  bd = [a for a in attacks
-        if any(r.get("final_asr") is not None for r in done if r["attack"] == a)]
-  if bd:
-    asr = _panels([r for r in done if r["attack"] in bd], "final_asr", bd,
-                  aggregators)
-    md += ["# Final attack success rate (backdoor attacks)", ""]
-    for (frac, ratio), m in asr.items():
+  for key, title, text, fmt in _METRIC_TABLES:
+    have = [a for a in attacks if any(_has_value(r.get(key))
+                                      for r in done if r["attack"] == a)]
+    if not have:
+      continue
+    panels = _panels([r for r in done if r["attack"] in have], key, have,
+                     aggregators)
+    md += [f"# {title}", ""] + ([text, ""] if text else [])
+    for (frac, ratio), m in panels.items():
       md += [f"## {_panel_title(frac, ratio)}", ""]
-      md += _markdown_table(m, bd, aggregators) + [""]
+      md += _markdown_table(m, have, aggregators, fmt) + [""]
+  md += _detection_lines(done, attacks, aggregators)
+  md += _preset_lines(cells)
   failed = [r for r in rows if r["status"] != "done"]
   if failed:
     md += ["# Cells without results", ""]
@@ -563,7 +942,7 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
     combos = {(c.malicious_fraction, c.topk_ratio) for c, _ in runs}
     grouped = collections.defaultdict(list)
     for cell, records in runs:
-      label = cell.aggregator
+      label = cell.defence
       if len(combos) > 1:
         label += (f" (mf {cell.malicious_fraction:g}, "
                   + ("dense" if cell.topk_ratio is None
@@ -572,7 +951,7 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
     path = os.path.join(output_dir, f"curves_{attack}.png")
     plots.plot_metric_curves(
         {k: _mean_curve(v) for k, v in grouped.items()}, path,
-        keys=("accuracy", "asr"),
+        keys=_PLOTTED_KEYS,
         title=f"attack: {attack}" + (" (mean over seeds)"
                                      if len({c.seed for c, _ in runs}) > 1 else ""),
         attack_start=None if attack == "none" else base.attack_start)
