@@ -82,6 +82,9 @@ _HELP = {
     "seed": "Random seed (same seed, same results, bit for bit).",
     "eval_every": "Evaluate on the test set every this many rounds.",
     "eval_batch_size": "Evaluation batch size.",
+    "twin": "Also train an unattacked twin in the same jitted step (same "
+            "seed, no attackers) and report the L1 distance to it "
+            "(l1_to_twin) and its accuracy.",
     "output_dir": "Where results go (empty: nowhere).",
 }
 

@@ -99,3 +99,67 @@ def test_binary_runs_with_flagfile(tmp_path):
   summary = json.loads((tmp_path / "out" / "summary.json").read_text())
   assert summary["rounds"] == 2
   assert np.isfinite(summary["final_accuracy"])
+
+
+# Targeted model poisoning against FedAvg, boosted: a large projection ball
+# (FedAvg does not clip) and strong PGD steps make the attack succeed on the
+# synthetic data, where an unattacked model gets none of the flipped labels.
+TARGETED = dataclasses.replace(
+    SMALL, clients_per_round=6, malicious_fraction=0.34, attack_start=1,
+    attack="targeted_pgd", attack_args="clip_norm=100,lr=1.0,steps=20,aux_size=30",
+    twin=True)
+
+
+def test_targeted_accuracy_and_oif(tmp_path):
+  from fedjax_sparse.simulation.experiment import build_data
+  cfg = dataclasses.replace(TARGETED, output_dir=str(tmp_path))
+  summary = run_experiment(cfg, progress=False)
+  records = io.read_jsonl(tmp_path / "rounds.jsonl")
+  evals = [r for r in records if "accuracy" in r]
+  assert [r["round"] for r in evals] == [2, 4]
+  n = int(np.sum(build_data(cfg).clients.counts))
+  influence = cfg.num_malicious / cfg.num_clients
+  for r in evals:
+    assert 0.0 <= r["targeted_accuracy"] <= 1.0
+    assert 0.0 <= r["twin_targeted_accuracy"] <= 1.0
+    np.testing.assert_allclose(r["oif"],
+                               r["targeted_accuracy"] * 30 / (influence * n),
+                               rtol=1e-6)
+  assert not any("oif" in r for r in records if "accuracy" not in r)
+  assert summary["final_targeted_accuracy"] == evals[-1]["targeted_accuracy"]
+  assert summary["final_oif"] == evals[-1]["oif"]
+  assert (summary["final_twin_targeted_accuracy"]
+          == evals[-1]["twin_targeted_accuracy"])
+  # The attack raises the targeted accuracy above the unattacked twin's.
+  assert (summary["final_targeted_accuracy"]
+          > summary["final_twin_targeted_accuracy"] + 0.5), summary
+
+
+def test_no_targeted_metrics_for_other_attacks():
+  summary = run_experiment(dataclasses.replace(
+      SMALL, rounds=2, malicious_fraction=0.34, attack_start=1, attack="ipm"),
+      progress=False)
+  assert "final_targeted_accuracy" not in summary
+  assert "final_oif" not in summary
+  assert "final_l1_to_twin" not in summary
+
+
+def test_resume_accepts_fields_added_later_at_their_default(tmp_path):
+  def drop_twin(out_dir):
+    path = out_dir / "config.json"
+    old = json.loads(path.read_text())
+    del old["twin"]  # a run written before the field existed
+    path.write_text(json.dumps(old))
+
+  run_experiment(dataclasses.replace(SMALL, output_dir=str(tmp_path / "a"),
+                                     rounds=1), progress=False)
+  drop_twin(tmp_path / "a")
+  run_experiment(dataclasses.replace(SMALL, output_dir=str(tmp_path / "a"),
+                                     rounds=2), progress=False)
+  assert [r["round"] for r in io.read_jsonl(tmp_path / "a" / "rounds.jsonl")] \
+      == [1, 2]
+  # The same old run cannot resume with the new field away from its default.
+  drop_twin(tmp_path / "a")
+  with pytest.raises(ValueError, match="another configuration.*twin"):
+    run_experiment(dataclasses.replace(SMALL, output_dir=str(tmp_path / "a"),
+                                       rounds=3, twin=True), progress=False)

@@ -4,6 +4,7 @@ from fedjax_sparse.aggregators.base import AggContext, AggOut, Aggregator, combi
 from fedjax_sparse.aggregators.registry import get, names, register
 from fedjax_sparse.aggregators.pre_registry import compose, get_pre, pre_names, register_pre
 from fedjax_sparse.aggregators import fedavg as _fedavg  # registers fedavg, nwfedavg
+from fedjax_sparse.aggregators import clipping as _clipping  # registers clipping
 from fedjax_sparse.aggregators import fednova as _fednova  # registers fednova
 from fedjax_sparse.aggregators import median as _median  # registers median
 from fedjax_sparse.aggregators import trimmed_mean as _trimmed_mean  # registers trimmed_mean

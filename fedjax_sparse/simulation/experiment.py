@@ -10,12 +10,24 @@ Outputs in ``output_dir`` (all written atomically):
 * ``config.json``: the configuration;
 * ``rounds.jsonl``: one JSON record per round (round, loss, seconds, and test
   loss/accuracy on evaluation rounds; ``asr``, the attack success rate, on
-  evaluation rounds of a backdoor data attack);
+  evaluation rounds of a backdoor data attack; ``targeted_accuracy`` and
+  ``oif``, the outsized impact factor, on evaluation rounds of
+  ``targeted_pgd``; with ``twin=True``, ``l1_to_twin`` and ``twin_loss``
+  every round and ``twin_accuracy`` (and ``twin_targeted_accuracy``) on
+  evaluation rounds);
 * ``summary.json``: final metrics and timings (``final_asr`` for backdoor
-  attacks);
+  attacks, ``final_targeted_accuracy`` and ``final_oif`` for
+  ``targeted_pgd``, ``final_l1_to_twin`` and ``final_twin_accuracy`` with
+  the twin);
 * ``checkpoint.npz``: the server state after the last finished round. A
   killed run started again with the same configuration and output directory
-  resumes from it without losing finished rounds.
+  resumes from it without losing finished rounds. With ``twin=True`` it
+  holds both the attacked run's and the twin's state.
+
+The unattacked twin (``twin=True``, ALGORITHMS.md section 7) is trained in
+the same jitted step as the attacked run, from the same initial state and
+PRNG key, with the same rule and settings but no attack and nobody
+malicious (:func:`fedjax_sparse.simulation.round.make_twin_round_step`).
 """
 
 from __future__ import annotations
@@ -39,8 +51,10 @@ from fedjax_sparse.client.local import ClientConfig
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
-                                            init_server_state, make_evaluate,
-                                            make_round_step)
+                                            TwinState, init_server_state,
+                                            init_twin_state, make_evaluate,
+                                            make_round_step,
+                                            make_twin_round_step)
 
 PARTITIONS = ("iid", "dirichlet", "shards", "one_class")
 MALICIOUS_MODES = ("first", "random")
@@ -85,7 +99,12 @@ def _build(factory, kwargs: dict, what: str, name: str, **fixed):
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  """A whole experiment. Field names match the command-line flags."""
+  """A whole experiment. Field names match the command-line flags.
+
+  ``twin``: also train an unattacked twin in the same jitted step (same
+  seed, no attackers) and report the L1 distance to it every round and its
+  accuracy on evaluation rounds (ALGORITHMS.md section 7).
+  """
 
   dataset: str = "fashion_mnist"
   data_dir: Optional[str] = None
@@ -132,6 +151,7 @@ class ExperimentConfig:
   seed: int = 0
   eval_every: int = 1
   eval_batch_size: int = 1000
+  twin: bool = False
   output_dir: str = ""
 
   def client_config(self) -> ClientConfig:
@@ -261,6 +281,7 @@ class Experiment:
     attack_kwargs = parse_kwargs(cfg.attack_args)
     malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
                                              cfg.malicious_mode, cfg.seed)
+    pool = None
     if cfg.attack != "none":
       if attacks_lib.is_update_attack(cfg.attack):
         from fedjax_sparse.attacks.builder import build_update_attack
@@ -286,7 +307,8 @@ class Experiment:
     jax.eval_shape(lambda: self.aggregator.init(self.layout.d))
     if self.update_attack is not None:
       jax.eval_shape(lambda: self.update_attack.init(self.layout.d))
-    self.round_step = make_round_step(
+    make_step = make_twin_round_step if cfg.twin else make_round_step
+    self.round_step = make_step(
         self.round_config, self.model.apply, self.aggregator, self.layout,
         n_max=self.fd.clients.idx.shape[1],
         has_model_state=self.has_model_state,
@@ -312,6 +334,20 @@ class Experiment:
           cfg.attack, attack_kwargs, self.fd.x_test, self.fd.y_test)
       if len(y_asr):
         self.x_asr, self.y_asr = jnp.asarray(x_asr), jnp.asarray(y_asr)
+    # Targeted model poisoning: the attackers' auxiliary set with its flipped
+    # labels, rebuilt as the attack builder draws it, for the targeted attack
+    # accuracy and the outsized impact factor (ALGORITHMS.md s. 7).
+    self.x_aux = self.y_aux = None
+    if cfg.attack == "targeted_pgd":
+      from fedjax_sparse.attacks.builder import (TARGETED_OPTIONS,
+                                                 targeted_auxiliary_set)
+      opts = {k: attack_kwargs.get(k, v) for k, v in TARGETED_OPTIONS.items()}
+      x_aux, y_aux = targeted_auxiliary_set(
+          self.fd.x_train[pool], self.fd.y_train[pool], self.fd.num_classes,
+          opts["aux_size"], opts["aux_seed"])
+      self.x_aux, self.y_aux = jnp.asarray(x_aux), jnp.asarray(y_aux)
+    # n of the OIF: the training points held by all clients together.
+    self.num_datapoints = int(np.sum(self.fd.clients.counts))
 
   def _model_aware_args(self) -> dict:
     """What class-aware masking needs: the model and per-class validation data."""
@@ -332,10 +368,28 @@ class Experiment:
                             if k != "params"}}
 
   def init_state(self):
-    return init_server_state(self.round_config, self.variables,
-                             self.aggregator, self.k_state, self.update_attack)
+    """The round-0 state: a ServerState, or a TwinState with ``twin``."""
+    init = init_twin_state if self.cfg.twin else init_server_state
+    return init(self.round_config, self.variables, self.aggregator,
+                self.k_state, self.update_attack)
+
+  def main_state(self, state):
+    """The attacked run's ServerState of ``state``."""
+    return state.main if self.cfg.twin else state
+
+  def twin_state(self, state):
+    """The unattacked twin's ServerState of ``state`` (``twin`` only)."""
+    if not self.cfg.twin:
+      raise ValueError("this experiment has no twin: set twin=True (--twin)")
+    return state.twin
 
   def eval_state(self, state) -> dict:
+    """Test loss and top-1/top-5 accuracy of a ServerState's model.
+
+    Given a TwinState, evaluates the attacked run's model.
+    """
+    if isinstance(state, TwinState):
+      state = state.main
     out = self.evaluate(state.params, state.model_state, self.x_test,
                         self.y_test)
     return {k: float(v) for k, v in out.items()}
@@ -351,11 +405,60 @@ class Experiment:
                         self.y_asr)
     return float(out["accuracy"])
 
+  @property
+  def has_targeted(self) -> bool:
+    return self.x_aux is not None
+
+  @property
+  def aux_size(self) -> int:
+    """s, the size of the targeted attack's auxiliary set (0 if none)."""
+    return 0 if self.y_aux is None else int(self.y_aux.shape[0])
+
+  def targeted_accuracy_state(self, state) -> float:
+    """Targeted attack accuracy (ALGORITHMS.md s. 7): the fraction of the
+    auxiliary set that a ServerState's model classifies as the flipped
+    labels."""
+    out = self.evaluate(state.params, state.model_state, self.x_aux,
+                        self.y_aux)
+    return float(out["accuracy"])
+
+  def oif(self, targeted_accuracy: float) -> float:
+    """Outsized impact factor of sparsefed.txt B.1.6.
+
+    ``|X_m| / (I n)`` with ``|X_m| = targeted_accuracy * s`` the auxiliary
+    points poisoned, ``I = num_malicious / num_clients`` and ``n`` the
+    training points held by all clients.
+    """
+    return float(metrics_lib.outsized_impact_factor(
+        targeted_accuracy * self.aux_size, self.cfg.num_malicious,
+        self.cfg.num_clients, self.num_datapoints))
+
 
 def _config_dict(cfg: ExperimentConfig) -> dict:
   d = dataclasses.asdict(cfg)
   d.pop("output_dir")
   return d
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+  """Fields in which a saved configuration differs from a new one.
+
+  Tolerant of fields added to :class:`ExperimentConfig` after the saved run
+  was written (like ``experiments.sweep.same_config``): a field absent from
+  ``old`` counts as equal when the new value is the field's default, so
+  old runs still resume; keys of ``old`` that are no longer fields are
+  ignored.
+  """
+  defaults = json.loads(json.dumps(_config_dict(ExperimentConfig())))
+  new = json.loads(json.dumps(new))  # compare as saved (tuples -> lists)
+  diff = []
+  for k, value in new.items():
+    if k not in old:
+      if k not in defaults or value != defaults[k]:
+        diff.append(f"{k} (not in the saved run, now {value!r})")
+    elif old[k] != value:
+      diff.append(f"{k} (saved {old[k]!r}, now {value!r})")
+  return diff
 
 
 def _mean(values):
@@ -381,9 +484,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       old.pop("rounds", None)
       new = _config_dict(cfg)
       new.pop("rounds")
-      if old != new:
-        raise ValueError(f"{out_dir} holds a run of another configuration; "
-                         "choose a new --output_dir or delete it")
+      diff = _config_differences(old, new)
+      if diff:
+        raise ValueError(f"{out_dir} holds a run of another configuration "
+                         f"(it differs in {', '.join(diff)}); choose a new "
+                         "--output_dir or delete it")
       state = io.load_checkpoint(ckpt, state)
       done = int(state.round)
       records = [r for r in io.read_jsonl(rounds_path) if r["round"] <= done]
@@ -405,6 +510,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     state, metrics = step(state, exp.data)
     loss = float(metrics["loss"])
     seconds = time.perf_counter() - t0
+    main = exp.main_state(state)
     rec = {"round": r + 1, "loss": loss, "seconds": seconds,
            "update_norm": float(metrics["update_norm"]),
            "uplink_bits": float(metrics["uplink_bits"]),
@@ -420,12 +526,23 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       # Escape ratios of the rule (hybrid paper 2.4), when it reports them.
       rec.update({k[len("agg/"):]: float(v) for k, v in metrics.items()
                   if k.startswith("agg/escape_ratio")})
+    if cfg.twin:
+      rec["l1_to_twin"] = float(metrics["l1_to_twin"])
+      rec["twin_loss"] = float(metrics["twin/loss"])
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-      ev = exp.eval_state(state)
+      ev = exp.eval_state(main)
       rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
                   "top5_accuracy": ev["top5_accuracy"]})
       if exp.has_asr:
-        rec["asr"] = exp.asr_state(state)
+        rec["asr"] = exp.asr_state(main)
+      if exp.has_targeted:
+        rec["targeted_accuracy"] = exp.targeted_accuracy_state(main)
+        rec["oif"] = exp.oif(rec["targeted_accuracy"])
+      if cfg.twin:
+        twin = exp.twin_state(state)
+        rec["twin_accuracy"] = exp.eval_state(twin)["accuracy"]
+        if exp.has_targeted:
+          rec["twin_targeted_accuracy"] = exp.targeted_accuracy_state(twin)
       last_eval = rec
     records.append(rec)
     if out_dir:
@@ -437,6 +554,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
         post["acc"] = f"{last_eval['accuracy']:.4f}"
         if "asr" in last_eval:
           post["asr"] = f"{last_eval['asr']:.4f}"
+        if "targeted_accuracy" in last_eval:
+          post["targeted"] = f"{last_eval['targeted_accuracy']:.4f}"
+      if cfg.twin:
+        post["l1_twin"] = f"{rec['l1_to_twin']:.3g}"
       bar.set_postfix(post)
       bar.update(1)
   if bar is not None:
@@ -462,6 +583,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
   }
   if exp.has_asr:
     summary["final_asr"] = last_eval.get("asr") if last_eval else None
+  if exp.has_targeted:
+    for k in ("targeted_accuracy", "oif"):
+      summary[f"final_{k}"] = last_eval.get(k) if last_eval else None
+  if cfg.twin:
+    summary["final_l1_to_twin"] = (records[-1].get("l1_to_twin") if records
+                                   else None)
+    twin_keys = ["twin_accuracy"]
+    if exp.has_targeted:
+      twin_keys.append("twin_targeted_accuracy")
+    for k in twin_keys:
+      summary[f"final_{k}"] = last_eval.get(k) if last_eval else None
   if out_dir:
     io.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
