@@ -71,7 +71,7 @@ def test_paper_flagfiles_parse_and_validate(path):
   cells = sweep.cells_from_flags(_parse(f"--flagfile={path}"))
   assert len(cells) >= 10
   assert len({c.attack for c in cells}) >= 2
-  assert len({c.aggregator for c in cells}) >= 5
+  assert len({c.defence for c in cells}) >= 5
   sweep.check_cells(cells, check_data=False)  # no data, nothing compiled
 
 
@@ -344,3 +344,23 @@ def test_report_only_binary_with_presets(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "6/6 cells finished" in md
   assert "- fp: aggregator='fedavg', prox_mu=0.05" in md
+
+
+@pytest.mark.parametrize("name", [
+    "sparsefed_targeted.flags", "flare_sweep_cifar10.flags",
+    "hybrid_sweep_cifar10.flags", "sparsefed_targeted_cifar10.flags",
+    "class_aware_sweep_cifar10.flags"])
+def test_reproduction_flagfiles_parse_and_validate(name):
+  path = os.path.join(ROOT, "experiments", "configs", name)
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # nested --flagfile paths are relative to the repo root
+  try:
+    cells = sweep.cells_from_flags(_parse(f"--flagfile={path}"))
+  finally:
+    os.chdir(cwd)
+  assert len({c.attack for c in cells}) >= 2
+  assert len({c.defence for c in cells}) >= 4
+  sweep.check_cells(cells, check_data=False)
+  if "cifar10" in name:
+    assert all(c.config.dataset == "tfds:cifar10" for c in cells)
+    assert all(c.config.model == "resnet20" for c in cells)
