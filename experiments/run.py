@@ -81,6 +81,9 @@ _HELP = {
                       "devices; on CPU the binary makes one device per core).",
     "seed": "Random seed (same seed, same results, bit for bit).",
     "eval_every": "Evaluate on the test set every this many rounds.",
+    "checkpoint_every": "Save the resumable checkpoint every this many "
+                        "rounds and after the last (a killed run repeats at "
+                        "most checkpoint_every - 1 rounds).",
     "eval_batch_size": "Evaluation batch size.",
     "twin": "Also train an unattacked twin in the same jitted step (same "
             "seed, no attackers) and report the L1 distance to it "

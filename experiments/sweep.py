@@ -15,7 +15,7 @@ flag keeps the base value: ``--attacks`` empty runs ``--attack``). Each cell
 runs with :func:`run_experiment` into ``<output_dir>/<cell name>/``, so
 
 * a killed cell started again resumes from its last finished round (its
-  ``checkpoint.npz``);
+  ``checkpoint/``, see ``--checkpoint_every``);
 * a cell whose ``summary.json`` holds the same configuration is skipped.
 
 ``none`` is an attack (no attackers: the cell's malicious fraction is 0, and
@@ -603,6 +603,10 @@ def _field_defaults() -> dict:
   return json.loads(json.dumps(out))
 
 
+# Fields that change how a run is done, not its results.
+_NOT_RESULTS = ("checkpoint_every",)
+
+
 def same_config(saved: Any, cfg: ExperimentConfig) -> bool:
   """Whether a saved ``summary.json`` configuration is ``cfg``'s.
 
@@ -614,6 +618,8 @@ def same_config(saved: Any, cfg: ExperimentConfig) -> bool:
     return False
   defaults = _field_defaults()
   for key, value in _config_dict(cfg).items():
+    if key in _NOT_RESULTS:
+      continue
     if key in saved:
       if saved[key] != value:
         return False

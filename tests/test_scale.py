@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedjax_sparse import data as data_lib
 from fedjax_sparse.simulation import distributed
+from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation.experiment import (Experiment, ExperimentConfig,
                                                  run_experiment)
 from fedjax_sparse.simulation.multi_seed import SeedBatch, run_seeds
@@ -166,7 +167,10 @@ def distributed_worker(process_id, port, out_dir):
   mesh = distributed.global_client_mesh(0)
   assert mesh.size == 4 and {d.process_index for d in mesh.devices} == {0, 1}
   out = pathlib.Path(out_dir) / f"proc{process_id}"
-  cfg = dataclasses.replace(SMALL, client_devices=0, output_dir=str(out))
+  out.mkdir(parents=True, exist_ok=True)
+  # One output directory for both: they write one checkpoint together.
+  cfg = dataclasses.replace(SMALL, client_devices=0,
+                            output_dir=str(pathlib.Path(out_dir) / "shared"))
   # The client axis over the devices of both processes (see
   # distributed.global_client_mesh; devices.client_mesh is process-local).
   with mock.patch.object(devices, "client_mesh",
@@ -177,8 +181,7 @@ def distributed_worker(process_id, port, out_dir):
 
 
 def _checkpoint_params(path):
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+  return io.checkpoint_arrays(str(path))
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -189,13 +192,13 @@ def test_two_processes_match_one_process(tmp_path):
   ref_dir = tmp_path / "ref"
   ref = run_experiment(dataclasses.replace(SMALL, output_dir=str(ref_dir)),
                        progress=False, fd=_small_fd())
-  ref_ckpt = _checkpoint_params(ref_dir / "checkpoint.npz")
+  ref_ckpt = _checkpoint_params(ref_dir / "checkpoint")
   for pid in (0, 1):
     got = json.loads((tmp_path / f"proc{pid}" / "result.json").read_text())
     assert len(got["mesh"]) == 4
     for k in ("final_test_loss", "final_accuracy", "uplink_bits_total"):
       np.testing.assert_allclose(got["summary"][k], ref[k], rtol=1e-5)
-    ckpt = _checkpoint_params(tmp_path / f"proc{pid}" / "checkpoint.npz")
+    ckpt = _checkpoint_params(tmp_path / "shared" / "checkpoint")
     assert ckpt.keys() == ref_ckpt.keys()
     for k in ckpt:
       np.testing.assert_allclose(ckpt[k], ref_ckpt[k], atol=1e-5, rtol=1e-5,

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,8 +124,7 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
   # A killed cell: one finished round on disk, no summary.
   victim = next(c for c in cells if c.name.startswith("ipm__median"))
   reference = io.read_jsonl(os.path.join(victim.dir, "rounds.jsonl"))
-  for name in os.listdir(victim.dir):
-    os.unlink(os.path.join(victim.dir, name))
+  shutil.rmtree(victim.dir)
   run_experiment(dataclasses.replace(victim.config, rounds=1), progress=False)
   os.unlink(os.path.join(victim.dir, "summary.json"))
   partial = io.read_jsonl(os.path.join(victim.dir, "rounds.jsonl"))

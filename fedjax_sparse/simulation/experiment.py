@@ -19,10 +19,12 @@ Outputs in ``output_dir`` (all written atomically):
   attacks, ``final_targeted_accuracy`` and ``final_oif`` for
   ``targeted_pgd``, ``final_l1_to_twin`` and ``final_twin_accuracy`` with
   the twin);
-* ``checkpoint.npz``: the server state after the last finished round. A
-  killed run started again with the same configuration and output directory
-  resumes from it without losing finished rounds. With ``twin=True`` it
-  holds both the attacked run's and the twin's state.
+* ``checkpoint/``: the server state after the last finished round, an Orbax
+  checkpoint directory written atomically. A killed run started again with
+  the same configuration and output directory resumes from it without
+  losing finished rounds (runs of earlier versions from their
+  ``checkpoint.npz``). With ``twin=True`` it holds both the attacked
+  run's and the twin's state.
 
 The unattacked twin (``twin=True``, ALGORITHMS.md section 7) is trained in
 the same jitted step as the attacked run, from the same initial state and
@@ -150,6 +152,7 @@ class ExperimentConfig:
   client_devices: int = 0
   seed: int = 0
   eval_every: int = 1
+  checkpoint_every: int = 1
   eval_batch_size: int = 1000
   twin: bool = False
   output_dir: str = ""
@@ -205,6 +208,9 @@ class ExperimentConfig:
       raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
     if self.eval_every < 1:
       raise ValueError(f"--eval_every must be >= 1, got {self.eval_every}")
+    if self.checkpoint_every < 1:
+      raise ValueError(f"--checkpoint_every must be >= 1, got "
+                       f"{self.checkpoint_every}")
     if self.aggregator not in aggregators_lib.names():
       raise ValueError(f"unknown aggregator {self.aggregator!r}; known "
                        f"aggregators: {', '.join(aggregators_lib.names())}")
@@ -473,23 +479,28 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
   out_dir = cfg.output_dir
   records: list[dict] = []
   state = exp.init_state()
-  ckpt = os.path.join(out_dir, "checkpoint.npz") if out_dir else ""
+  ckpt = os.path.join(out_dir, "checkpoint") if out_dir else ""
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     cfg_path = os.path.join(out_dir, "config.json")
     rounds_path = os.path.join(out_dir, "rounds.jsonl")
-    if os.path.exists(ckpt) and os.path.exists(cfg_path):
+    # Runs of earlier versions left a .npz checkpoint.
+    resume_from = ckpt if io.checkpoint_exists(ckpt) else ckpt + ".npz"
+    if io.checkpoint_exists(resume_from) and os.path.exists(cfg_path):
       with open(cfg_path) as f:
         old = json.load(f)
-      old.pop("rounds", None)
-      new = _config_dict(cfg)
-      new.pop("rounds")
+      # Neither changes the results: a run may be extended, or resumed
+      # with another checkpoint interval.
+      for k in ("rounds", "checkpoint_every"):
+        old.pop(k, None)
+      new = {k: v for k, v in _config_dict(cfg).items()
+             if k not in ("rounds", "checkpoint_every")}
       diff = _config_differences(old, new)
       if diff:
         raise ValueError(f"{out_dir} holds a run of another configuration "
                          f"(it differs in {', '.join(diff)}); choose a new "
                          "--output_dir or delete it")
-      state = io.load_checkpoint(ckpt, state)
+      state = io.load_checkpoint(resume_from, state)
       done = int(state.round)
       records = [r for r in io.read_jsonl(rounds_path) if r["round"] <= done]
     io.atomic_write_json(cfg_path, _config_dict(cfg))
@@ -547,7 +558,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     records.append(rec)
     if out_dir:
       io.write_jsonl(rounds_path, records)
-      io.save_checkpoint(ckpt, state)
+      # A resumed run recomputes the rounds after its checkpoint, exactly.
+      if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
+        io.save_checkpoint(ckpt, state)
     if bar is not None:
       post = {"loss": f"{loss:.3f}", "s/round": f"{seconds:.2f}"}
       if last_eval is not None:
