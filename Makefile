@@ -36,8 +36,10 @@ fmnist:
 fmnist-optional:
 	-@$(MAKE) --no-print-directory fmnist
 
+# The attack x defence showcase (experiments/demo.py); extra flags, e.g.
+#   make demo DEMO_FLAGS='--aggregators=fedavg,safesparse,trimmed_mean'
 demo: $(STAMP) fmnist
-	$(PYTHON) -m experiments.demo --data_dir=$(FMNIST_DIR)
+	$(PYTHON) -m experiments.demo --data_dir=$(FMNIST_DIR) $(DEMO_FLAGS)
 
 test: $(STAMP) fmnist-optional
 	$(PYTHON) -m pytest -q
