@@ -294,3 +294,23 @@ def test_sample_clients_is_uniform_without_replacement():
   assert all(len(set(r)) == 3 for r in draws)
   freq = np.bincount(draws.ravel(), minlength=10) / draws.size
   np.testing.assert_allclose(freq, 0.1, atol=0.01)
+
+
+@pytest.mark.parametrize("optimizer,beta", [("sgd", 0.0), ("momentum", 0.9),
+                                            ("momentum", 0.5)])
+@pytest.mark.parametrize("tau", [1, 3, 20])
+def test_scaffold_multiplier_is_the_displacement_of_a_constant_gradient(
+    optimizer, beta, tau):
+  # Under a constant gradient g, tau optimizer steps move w by lr * S * g:
+  # option II then recovers g exactly, with and without momentum.
+  from fedjax_sparse.client.local import make_optimizer, scaffold_multiplier
+  cfg = ClientConfig(optimizer=optimizer, lr=0.05, momentum=beta)
+  opt = make_optimizer(cfg)
+  g = jnp.array([1.0, -2.0, 0.5])
+  w = jnp.zeros(3)
+  st = opt.init(w)
+  for _ in range(tau):
+    u, st = opt.update(g, st, w)
+    w = w + u
+  s = scaffold_multiplier(jnp.float32(tau), cfg)
+  np.testing.assert_allclose(-w / (s * cfg.lr), g, rtol=1e-5)

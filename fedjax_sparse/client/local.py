@@ -33,9 +33,14 @@ Training-side algorithms of the class-aware masking paper's comparison
   it.
 * SCAFFOLD (Karimireddy et al., 2020), ``scaffold=True``: each local gradient
   is corrected by ``c - c_i`` (server and client control variates); after
-  training, ``c_i+ = c_i - c + (w_global - w_local) / (tau * lr)`` (option II
-  of the paper, exact for plain SGD; with other optimizers it uses the same
-  formula). The client state holds ``c_i``; the round step keeps ``c``.
+  training, ``c_i+ = c_i - c + (w_global - w_local) / (S * lr)`` (option II
+  of the paper) with ``S`` the steps' total step-size multiplier: ``S = tau``
+  for plain SGD; for heavy-ball momentum ``beta``, the displacement that
+  ``tau`` steps of one constant gradient make,
+  ``S = (tau - beta (1 - beta^tau) / (1 - beta)) / (1 - beta)`` (ours: with
+  ``S = tau`` the control variates come out up to ``1 / (1 - beta)`` times
+  too large and training diverges); Adam uses ``S = tau``. The client state
+  holds ``c_i``; the round step keeps ``c``.
 
 BatchNorm statistics (``model_state``) are updated locally and returned
 separately; they are not part of the update vector (see
@@ -117,6 +122,21 @@ class ClientConfig:
     if self.local_steps > 0:
       return self.local_steps
     return self.local_epochs * math.ceil(n_max / self.batch_size)
+
+
+def scaffold_multiplier(n_steps, cfg: ClientConfig):
+  """``S``: the local displacement per unit gradient and lr after ``n_steps``.
+
+  SCAFFOLD's option II divides ``w_global - w_local`` by ``S * lr`` to
+  estimate the clients' mean gradient. Plain SGD (and Adam, approximately):
+  ``S = n_steps``. Heavy-ball momentum ``beta`` (``optax.sgd(lr, beta)``):
+  ``sum_{t=1..n} (1 - beta^t) / (1 - beta)``, exact for a constant gradient.
+  """
+  n = jnp.maximum(jnp.asarray(n_steps, jnp.float32), 1.0)
+  if cfg.optimizer != "momentum" or cfg.momentum == 0:
+    return n
+  b = jnp.float32(cfg.momentum)
+  return (n - b * (1.0 - b ** n) / (1.0 - b)) / (1.0 - b)
 
 
 def make_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
@@ -295,7 +315,7 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
       update = ravel_pytree(global_params)[0] - ravel_pytree(p)[0]
       new_client_state = client_state
       if cfg.scaffold:
-        scale = 1.0 / (jnp.maximum(n_steps, 1.0) * cfg.lr)
+        scale = 1.0 / (scaffold_multiplier(n_steps, cfg) * cfg.lr)
         new_client_state = jax.tree.map(
             lambda ci, c, g0, w: jnp.where(n_steps > 0,
                                            ci - c + (g0 - w) * scale, ci),
