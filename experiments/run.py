@@ -80,6 +80,9 @@ _HELP = {
     "client_devices": "Devices the client axis is split over (0: all local "
                       "devices; on CPU the binary makes one device per core).",
     "seed": "Random seed (same seed, same results, bit for bit).",
+    "data_seed": "Seed of the data (training subsample, validation split, "
+                 "partition); -1: --seed. Fix it to train several seeds on "
+                 "one partition.",
     "eval_every": "Evaluate on the test set every this many rounds.",
     "checkpoint_every": "Save the resumable checkpoint every this many "
                         "rounds and after the last (a killed run repeats at "

@@ -18,6 +18,12 @@ runs with :func:`run_experiment` into ``<output_dir>/<cell name>/``, so
   ``checkpoint/``, see ``--checkpoint_every``);
 * a cell whose ``summary.json`` holds the same configuration is skipped.
 
+``--batch_seeds`` trains the seeds of a cell together in one compiled step
+(:mod:`fedjax_sparse.simulation.multi_seed`; on a CPU split into host
+devices, each device runs whole seeds): the seeds then share one data
+partition (``--data_seed``, or the first of ``--seeds``), and a killed batch
+resumes from its last checkpointed round.
+
 ``none`` is an attack (no attackers: the cell's malicious fraction is 0, and
 one such cell per defence, ratio and seed is run whatever
 ``--malicious_fractions`` says). Names may be written as the papers write
@@ -114,6 +120,16 @@ flags.DEFINE_string("presets", "", "Defence presets usable in --aggregators: "
 flags.DEFINE_boolean("report_only", False, "Do not run: write the report "
                      "from the cells already on disk.")
 flags.DEFINE_boolean("cell_progress", False, "Show a progress bar per cell.")
+flags.DEFINE_boolean("batch_seeds", False, "Train the seeds of each cell "
+                     "together in one compiled step (fedjax_sparse."
+                     "simulation.multi_seed). The seeds then share one data "
+                     "partition: --data_seed, or the first of --seeds when "
+                     "it is -1. Cells whose extras need separate runs "
+                     "(--twin, targeted_pgd, hsa/dhsa) run separately.")
+flags.DEFINE_enum("seed_mode", "auto", ["auto", "map", "vmap", "shard"],
+                  "With --batch_seeds: how the seeds share the step (auto: "
+                  "shard the seeds over the host devices on CPU, vmap on "
+                  "accelerators).")
 FLAGS = flags.FLAGS
 
 # Names as the papers write them -> registry names.
@@ -141,7 +157,7 @@ _ARGS_FIELDS = ("aggregator_args", "attack_args")
 # on them share one FederatedData).
 _DATA_FIELDS = ("dataset", "data_dir", "max_train", "val_size", "partition",
                 "alpha", "shards_per_client", "min_samples", "num_clients",
-                "seed")
+                "effective_data_seed")
 CSV_COLUMNS = ("cell", "status", "attack", "aggregator", "malicious_fraction",
                "sparsify", "topk_ratio", "seed", "rounds", "final_accuracy",
                "best_accuracy", "final_top5_accuracy", "final_asr",
@@ -635,47 +651,121 @@ def finished(cell: Cell) -> bool:
   return bool(summary) and same_config(summary.get("config"), cell.config)
 
 
+def share_data_seed(cells: Sequence[Cell]) -> list[Cell]:
+  """The cells with ``data_seed`` fixed to the grid's first seed where it
+  is -1, so that the seeds of a cell train on one partition (the
+  configuration ``--batch_seeds`` runs)."""
+  if not cells:
+    return []
+  first = cells[0].seed
+  return [c if c.config.data_seed >= 0 else dataclasses.replace(
+      c, config=dataclasses.replace(c.config, data_seed=first)) for c in cells]
+
+
+def _seed_group_key(cell: Cell) -> tuple:
+  return (cell.preset, cell.preset_fields, tuple(
+      (k, v) for k, v in sorted(_config_dict(dataclasses.replace(
+          cell.config, seed=0)).items())))
+
+
+def _summary_message(summary: dict) -> str:
+  msg = f"accuracy {summary['final_accuracy']:.4f}"
+  if summary.get("final_asr") is not None:
+    msg += f", ASR {summary['final_asr']:.4f}"
+  return msg
+
+
+def _clear_error(cell: Cell) -> None:
+  err = os.path.join(cell.dir, "error.txt")
+  if os.path.exists(err):
+    os.unlink(err)
+
+
 def run_cells(cells: Sequence[Cell], progress: bool = False,
-              log=print) -> dict[str, str]:
+              log=print, batch_seeds: bool = False,
+              seed_mode: str = "auto") -> dict[str, str]:
   """Runs (or resumes, or skips) every cell in order.
 
   A cell that fails (e.g. a rule's requirement on K and f that only shows
   when the round step is traced) is recorded in ``<cell>/error.txt`` and the
   sweep goes on.
 
+  With ``batch_seeds``, the unfinished cells that differ only in their seed
+  run together through :func:`fedjax_sparse.simulation.multi_seed.run_seeds`
+  (``seed_mode``), each writing its own cell directory as a separate run
+  would; a killed batch resumes from its last checkpointed round. Cells the
+  seed batch cannot run (see ``unbatchable_reason``) run one by one. Give it
+  cells whose ``data_seed`` is fixed (:func:`share_data_seed`): the seeds of
+  a batch share one partition.
+
   Returns:
     cell name -> ``"skipped"``, ``"ran"`` or ``"failed: <message>"``.
   """
   from fedjax_sparse.simulation.experiment import build_data, run_experiment
+  from fedjax_sparse.simulation import multi_seed
   status = {}
   data_key, fd = None, None
-  for i, cell in enumerate(cells):
-    tag = f"[{i + 1}/{len(cells)}] {cell.name}"
+  index = {cell.name: i for i, cell in enumerate(cells)}
+  groups: dict[tuple, list[Cell]] = {}
+  if batch_seeds:
+    for cell in cells:
+      groups.setdefault(_seed_group_key(cell), []).append(cell)
+
+  def tag(cell):
+    return f"[{index[cell.name] + 1}/{len(cells)}] {cell.name}"
+
+  def data_for(cell):
+    nonlocal data_key, fd
+    key = tuple(getattr(cell.config, f) for f in _DATA_FIELDS)
+    if key != data_key:
+      data_key, fd = None, None  # free the old arrays before loading
+      fd = build_data(cell.config)
+      data_key = key
+    return fd
+
+  for cell in cells:
+    if cell.name in status:
+      continue  # ran in an earlier cell's seed batch
     if finished(cell):
       status[cell.name] = "skipped"
-      log(f"{tag}: finished before, skipped")
+      log(f"{tag(cell)}: finished before, skipped")
       continue
-    key = tuple(getattr(cell.config, f) for f in _DATA_FIELDS)
+    batch = []
+    if batch_seeds and multi_seed.unbatchable_reason(cell.config) is None:
+      batch = [c for c in groups[_seed_group_key(cell)]
+               if c.name not in status and not finished(c)]
     t0 = time.perf_counter()
+    if len(batch) > 1:
+      try:
+        sums = multi_seed.run_seeds(
+            cell.config, [c.seed for c in batch], fd=data_for(cell),
+            progress=progress, mode=seed_mode,
+            output_dirs=[c.dir for c in batch])
+      except (ValueError, FileNotFoundError) as e:
+        for c in batch:
+          status[c.name] = f"failed: {e}"
+          io.atomic_write_text(os.path.join(c.dir, "error.txt"), f"{e}\n")
+          log(f"{tag(c)}: FAILED: {e}")
+        continue
+      seconds = time.perf_counter() - t0
+      for c, summary in zip(batch, sums):
+        _clear_error(c)
+        status[c.name] = "ran"
+        log(f"{tag(c)}: {_summary_message(summary)} ({seconds:.1f} s for "
+            f"{len(batch)} seeds together)")
+      continue
     try:
-      if key != data_key:
-        data_key, fd = None, None  # free the old arrays before loading
-        fd = build_data(cell.config)
-        data_key = key
-      summary = run_experiment(cell.config, progress=progress, fd=fd)
+      summary = run_experiment(cell.config, progress=progress,
+                               fd=data_for(cell))
     except (ValueError, FileNotFoundError) as e:
       status[cell.name] = f"failed: {e}"
       io.atomic_write_text(os.path.join(cell.dir, "error.txt"), f"{e}\n")
-      log(f"{tag}: FAILED: {e}")
+      log(f"{tag(cell)}: FAILED: {e}")
       continue
-    err = os.path.join(cell.dir, "error.txt")
-    if os.path.exists(err):
-      os.unlink(err)
+    _clear_error(cell)
     status[cell.name] = "ran"
-    msg = f"accuracy {summary['final_accuracy']:.4f}"
-    if summary.get("final_asr") is not None:
-      msg += f", ASR {summary['final_asr']:.4f}"
-    log(f"{tag}: {msg} ({time.perf_counter() - t0:.1f} s)")
+    log(f"{tag(cell)}: {_summary_message(summary)} "
+        f"({time.perf_counter() - t0:.1f} s)")
   return status
 
 
@@ -976,6 +1066,8 @@ def main(argv):
       raise ValueError("--output_dir is required: each cell writes into "
                        "<output_dir>/<cell name>/")
     cells = cells_from_flags(FLAGS)
+    if FLAGS.batch_seeds:
+      cells = share_data_seed(cells)
     check_cells(cells, check_data=not FLAGS.report_only)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -983,7 +1075,9 @@ def main(argv):
   print(f"{len(cells)} cells into {FLAGS.output_dir}")
   status = {}
   if not FLAGS.report_only:
-    status = run_cells(cells, progress=FLAGS.cell_progress)
+    status = run_cells(cells, progress=FLAGS.cell_progress,
+                       batch_seeds=FLAGS.batch_seeds,
+                       seed_mode=FLAGS.seed_mode)
   report = write_report(cells, FLAGS.output_dir)
   print()
   print(report["markdown"])

@@ -370,6 +370,31 @@ def test_run_seeds_matches_separate_runs(tmp_path):
                                rtol=1e-5)
 
 
+def test_run_seeds_shard_mode_matches_map_mode():
+  """Seeds split over the 2 host devices (each device maps its own seeds,
+  the client axis kept whole) give the runs of the single-device map mode;
+  the mesh takes the most devices that divide S."""
+  cfg = dataclasses.replace(SMALL, rounds=2, attack="ipm",
+                            malicious_fraction=0.2, malicious_mode="random",
+                            aggregator="median", client_devices=2)
+  fd = _small_fd()
+  seeds = [0, 1, 2, 5]
+  shard = SeedBatch(cfg, seeds, fd, mode="shard")
+  assert shard.mesh.shape["seeds"] == 2
+  got = run_seeds(cfg, seeds, fd=fd, batch=shard)
+  want = run_seeds(cfg, seeds, fd=fd, mode="map")
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g["round_losses"], w["round_losses"], rtol=1e-5)
+    np.testing.assert_allclose(g["final_test_loss"], w["final_test_loss"],
+                               rtol=1e-5)
+    assert g["mean_tpr"] == w["mean_tpr"]
+  assert len({g["final_test_loss"] for g in got}) == len(seeds)
+  # Three seeds do not split over two devices: one device runs them all.
+  assert SeedBatch(cfg, [0, 1, 2], fd, mode="shard").mesh.shape["seeds"] == 1
+  with pytest.raises(ValueError, match="unknown mode"):
+    SeedBatch(cfg, seeds, fd, mode="pmap")
+
+
 def test_run_seeds_refuses_seed_dependent_attacks():
   cfg = dataclasses.replace(SMALL, attack="hsa", malicious_fraction=0.2)
   with pytest.raises(ValueError, match="separately"):

@@ -364,3 +364,77 @@ def test_reproduction_flagfiles_parse_and_validate(name):
   if "cifar10" in name:
     assert all(c.config.dataset == "tfds:cifar10" for c in cells)
     assert all(c.config.model == "resnet20" for c in cells)
+
+
+# ------------------------------------------------------------ seed batches --
+
+
+def test_batch_seeds_equal_separate_runs_and_resume(tmp_path):
+  """--batch_seeds: the seeds of a cell train in one step, shard mode over
+  the 2 host devices, each cell directory as a separate run of the same
+  configuration (the seeds share the data partition) writes it; a killed
+  batch resumes from its checkpoint and ends as an uninterrupted one."""
+  base = dataclasses.replace(BASE, output_dir=str(tmp_path / "batched"),
+                             client_devices=1)
+  cells = sweep.share_data_seed(sweep.make_cells(
+      base, attacks=["none", "ipm"], aggregators=["median"],
+      malicious_fractions=[0.34], seeds=[3, 4]))
+  assert {c.config.data_seed for c in cells} == {3}
+  logs = []
+  status = sweep.run_cells(cells, log=logs.append, batch_seeds=True,
+                           seed_mode="shard")
+  assert set(status.values()) == {"ran"}
+  assert sum("2 seeds together" in m for m in logs) == 4
+  for cell in cells:
+    got = io.read_jsonl(os.path.join(cell.dir, "rounds.jsonl"))
+    summary = sweep._read_json(os.path.join(cell.dir, "summary.json"))
+    assert summary["seed_batch"] == {"seeds": [3, 4], "mode": "shard"}
+    ref_dir = str(tmp_path / "separate" / cell.name)
+    run_experiment(dataclasses.replace(cell.config, output_dir=ref_dir),
+                   progress=False)
+    want = io.read_jsonl(os.path.join(ref_dir, "rounds.jsonl"))
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+      assert g.keys() <= w.keys()
+      for k in ("loss", "accuracy", "test_loss", "update_norm", "tpr", "fpr"):
+        if w.get(k) is not None:
+          assert abs(g[k] - w[k]) <= 1e-5 * max(1.0, abs(w[k])), (cell.name, k)
+  assert sweep.run_cells(cells, log=lambda *_: None, batch_seeds=True) == {
+      c.name: "skipped" for c in cells}
+
+  # A batch killed after 2 of 3 rounds: its checkpoint and 2 rounds on disk.
+  ipm = [c for c in cells if c.attack == "ipm"]
+  reference = {c.name: io.read_jsonl(os.path.join(c.dir, "rounds.jsonl"))
+               for c in ipm}
+  for c in ipm:
+    shutil.rmtree(c.dir)
+  short = [dataclasses.replace(c, config=dataclasses.replace(c.config,
+                                                             rounds=2))
+           for c in ipm]
+  sweep.run_cells(short, log=lambda *_: None, batch_seeds=True)
+  for c in ipm:
+    os.unlink(os.path.join(c.dir, "summary.json"))
+  partial = {c.name: io.read_jsonl(os.path.join(c.dir, "rounds.jsonl"))
+             for c in ipm}
+  status = sweep.run_cells(cells, log=lambda *_: None, batch_seeds=True)
+  assert status == {c.name: "ran" if c.attack == "ipm" else "skipped"
+                    for c in cells}
+  for c in ipm:
+    resumed = io.read_jsonl(os.path.join(c.dir, "rounds.jsonl"))
+    assert resumed[:2] == partial[c.name]  # not run again
+    assert _strip(resumed) == _strip(reference[c.name])
+
+
+def test_batch_seeds_runs_unbatchable_cells_one_by_one(tmp_path):
+  base = dataclasses.replace(BASE, output_dir=str(tmp_path), twin=True,
+                             client_devices=1)
+  cells = sweep.share_data_seed(sweep.make_cells(
+      base, attacks=["ipm"], aggregators=["fedavg"],
+      malicious_fractions=[0.34], seeds=[0, 1]))
+  logs = []
+  assert set(sweep.run_cells(cells, log=logs.append,
+                             batch_seeds=True).values()) == {"ran"}
+  assert not any("together" in m for m in logs)
+  for c in cells:
+    summary = sweep._read_json(os.path.join(c.dir, "summary.json"))
+    assert "seed_batch" not in summary and "final_l1_to_twin" in summary

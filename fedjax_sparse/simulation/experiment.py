@@ -106,6 +106,10 @@ class ExperimentConfig:
   ``twin``: also train an unattacked twin in the same jitted step (same
   seed, no attackers) and report the L1 distance to it every round and its
   accuracy on evaluation rounds (ALGORITHMS.md section 7).
+
+  ``seed`` draws everything random; ``data_seed`` (when >= 0) draws the data
+  instead (training subsample, validation split and partition), so that
+  several seeds can train on one partition: seed-batched sweeps share one.
   """
 
   dataset: str = "fashion_mnist"
@@ -151,6 +155,7 @@ class ExperimentConfig:
   map_batch_size: int = 10
   client_devices: int = 0
   seed: int = 0
+  data_seed: int = -1
   eval_every: int = 1
   checkpoint_every: int = 1
   eval_batch_size: int = 1000
@@ -165,6 +170,11 @@ class ExperimentConfig:
                         batch_size=self.batch_size,
                         update_mode=self.update_mode, prox_mu=self.prox_mu,
                         scaffold=self.scaffold)
+
+  @property
+  def effective_data_seed(self) -> int:
+    """The seed of the data partition: ``data_seed``, or ``seed`` if -1."""
+    return self.seed if self.data_seed < 0 else self.data_seed
 
   @property
   def num_malicious(self) -> int:
@@ -206,6 +216,9 @@ class ExperimentConfig:
                        f"{self.alpha}")
     if self.rounds < 1:
       raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
+    if self.data_seed < -1:
+      raise ValueError(f"--data_seed must be -1 (use --seed) or >= 0, got "
+                       f"{self.data_seed}")
     if self.eval_every < 1:
       raise ValueError(f"--eval_every must be >= 1, got {self.eval_every}")
     if self.checkpoint_every < 1:
@@ -254,7 +267,7 @@ def build_data(cfg: ExperimentConfig):
   return data_lib.build(cfg.dataset, cfg.num_clients, cfg.partition,
                         alpha=cfg.alpha, shards_per_client=cfg.shards_per_client,
                         min_samples=cfg.min_samples, val_size=cfg.val_size,
-                        data_dir=cfg.data_dir, seed=cfg.seed,
+                        data_dir=cfg.data_dir, seed=cfg.effective_data_seed,
                         max_train=cfg.max_train or None,
                         allow_empty=cfg.allow_empty_clients)
 

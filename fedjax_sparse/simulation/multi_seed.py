@@ -18,9 +18,13 @@ agree with those separate runs to float rounding (``tests/test_scale.py``).
 
 Limits: update attacks whose construction depends on the seed (the saliency
 masks of ``hsa``/``dhsa`` are computed on each seed's initial model) cannot
-share one step and are refused. ``client_devices`` other than 1 works
-(``shard_map`` under ``vmap``), see ``tests/test_scale.py``. There is no
-checkpoint/resume: a batch of seeds is one unit of work.
+share one step and are refused, and the per-round extras of a separate run
+(escape ratios, the unattacked twin, targeted accuracy) are not recorded.
+``client_devices`` other than 1 works in the ``vmap`` and ``map`` modes
+(``shard_map`` under them), see ``tests/test_scale.py``. With output
+directories, a batch checkpoints its stacked state and resumes after a kill
+like a single run. ``experiments.sweep --batch_seeds`` runs the seeds of each
+grid cell this way.
 
 Speed (``benchmarks/scale.py``, 2-core CPU shared with other jobs, 2x200 MLP,
 4 seeds): vmap over the seeds ran at 0.6-0.8x the speed of 4 separate runs (a
@@ -32,6 +36,7 @@ leaves the device idle (accelerators, small models); measure there.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -49,7 +54,31 @@ from fedjax_sparse.simulation.round import (RoundData, make_evaluate,
                                             make_round_step)
 
 
-MODES = ("auto", "vmap", "map")
+MODES = ("auto", "vmap", "map", "shard")
+
+
+def seed_mesh(num_seeds: int):
+  """A 1-D mesh named ``"seeds"`` over the most local devices that divide S."""
+  from jax.sharding import Mesh
+  devices = jax.local_devices()
+  n = max(k for k in range(1, len(devices) + 1) if num_seeds % k == 0)
+  return Mesh(np.array(devices[:n]), ("seeds",))
+
+
+def unbatchable_reason(cfg: ExperimentConfig) -> Optional[str]:
+  """Why the seeds of ``cfg`` cannot share one step (None: they can)."""
+  from fedjax_sparse import attacks as attacks_lib
+  if cfg.twin:
+    return "--twin trains an unattacked twin that the seed batch does not"
+  if cfg.attack == "targeted_pgd":
+    return ("--attack=targeted_pgd reports targeted accuracy, which the seed "
+            "batch does not")
+  if cfg.attack != "none" and attacks_lib.is_update_attack(cfg.attack):
+    from fedjax_sparse.attacks.builder import takes_mask
+    if takes_mask(cfg.attack):
+      return (f"--attack={cfg.attack} builds its mask from each seed's "
+              "initial model, so seeds cannot share one round step")
+  return None
 
 
 def _stack(trees):
@@ -76,12 +105,16 @@ class SeedBatch:
     data: the shared :class:`RoundData` (per-seed fields stacked on axis 0).
     data_axes: the ``vmap`` ``in_axes`` of ``data``.
     mode: ``"vmap"`` (all seeds at once: one round step over S times the
-      work, for accelerators with room to spare) or ``"map"`` (``lax.map``
+      work, for accelerators with room to spare), ``"map"`` (``lax.map``
       over the seeds inside the one compiled step: no larger working set,
-      only the per-call overhead is shared). ``"auto"`` (the default) picks
-      ``"map"`` on CPU, where ``benchmarks/scale.py`` measured vmap over 4
-      seeds at 0.6-0.8x the speed of 4 separate runs, and ``"vmap"``
-      elsewhere.
+      only the per-call overhead is shared) or ``"shard"`` (the seed axis
+      split over the local devices with ``shard_map``, each device
+      ``lax.map``-ing its own seeds with the client axis kept whole: no
+      traffic between devices; the mesh uses the most devices that divide
+      S). ``"auto"`` (the default) picks ``"shard"`` on a CPU split into
+      several host devices, ``"map"`` on a single CPU device, and
+      ``"vmap"`` on accelerators (``benchmarks/scale.py`` compares them).
+    mesh: the ``"seeds"`` mesh of the ``"shard"`` mode (else None).
     round_step: jitted ``(stacked_state, data) -> (stacked_state, metrics)``
       with the state donated; every metric has a leading seed axis.
     evaluate: jitted ``(params, model_state, x, y) -> dict`` over stacked
@@ -94,20 +127,19 @@ class SeedBatch:
       raise ValueError(f"unknown mode {mode!r}; choose one of "
                        f"{', '.join(MODES)}")
     if mode == "auto":
-      mode = "map" if jax.default_backend() == "cpu" else "vmap"
+      if jax.default_backend() != "cpu":
+        mode = "vmap"
+      else:
+        mode = "shard" if len(jax.local_devices()) > 1 else "map"
     seeds = [int(s) for s in seeds]
     if not seeds:
       raise ValueError("run_seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
       raise ValueError(f"seeds must be distinct, got {seeds}")
-    from fedjax_sparse import attacks as attacks_lib
-    if cfg.attack != "none" and attacks_lib.is_update_attack(cfg.attack):
-      from fedjax_sparse.attacks.builder import takes_mask
-      if takes_mask(cfg.attack) and len(seeds) > 1:
-        raise ValueError(
-            f"--attack={cfg.attack} builds its mask from each seed's initial "
-            "model, so seeds cannot share one round step; run the seeds "
-            "separately (experiments.run) instead")
+    reason = unbatchable_reason(cfg)
+    if reason and len(seeds) > 1:
+      raise ValueError(f"{reason}; run the seeds separately "
+                       "(experiments.run) instead")
     cfg.validate(check_data=fd is None)
     self.cfg = cfg
     self.seeds = seeds
@@ -139,26 +171,48 @@ class SeedBatch:
         axes.append(None)
     self.data = RoundData(*fields)
     self.data_axes = RoundData(*axes)
+    round_config = base.round_config
+    if mode == "shard":
+      # Each device runs whole seeds: the client axis stays on one device.
+      round_config = dataclasses.replace(round_config, client_devices=1)
     step = make_round_step(
-        base.round_config, base.model.apply, base.aggregator, base.layout,
+        round_config, base.model.apply, base.aggregator, base.layout,
         n_max=fd.clients.idx.shape[1], has_model_state=base.has_model_state,
         update_attack=base.update_attack, data_attack=base.data_attack,
         server_size=(len(fd.y_val) if cfg.aggregator in SERVER_DATA_RULES
                      else 0), jit=False)
+    axes = self.data_axes
+
+    def mapped(state, data):
+      per_seed = [a if ax == 0 else None for a, ax in zip(data, axes)]
+
+      def one(xs):
+        st, own = xs
+        return step(st, RoundData(*(o if ax == 0 else a for a, o, ax
+                                    in zip(data, own, axes))))
+
+      return jax.lax.map(one, (state, per_seed))
+
+    self.mesh = None
     if mode == "vmap":
       batched = jax.vmap(step, in_axes=(0, self.data_axes))
+    elif mode == "map":
+      batched = mapped
     else:
-      axes = self.data_axes
-
-      def batched(state, data):
-        per_seed = [a if ax == 0 else None for a, ax in zip(data, axes)]
-
-        def one(xs):
-          st, own = xs
-          return step(st, RoundData(*(o if ax == 0 else a for a, o, ax
-                                      in zip(data, own, axes))))
-
-        return jax.lax.map(one, (state, per_seed))
+      from jax.sharding import NamedSharding
+      from jax.sharding import PartitionSpec as P
+      self.mesh = mesh = seed_mesh(len(seeds))
+      data_specs = RoundData(*(
+          None if f is None else jax.tree.map(
+              lambda _, ax=ax: P("seeds") if ax == 0 else P(), f)
+          for f, ax in zip(self.data, axes)))
+      batched = jax.shard_map(mapped, mesh=mesh,
+                              in_specs=(P("seeds"), data_specs),
+                              out_specs=P("seeds"), check_vma=False)
+      self.state0 = jax.device_put(self.state0,
+                                   NamedSharding(mesh, P("seeds")))
+      self.data = jax.device_put(self.data, jax.tree.map(
+          lambda spec: NamedSharding(mesh, spec), data_specs))
     self.mode = mode
     self.round_step = jax.jit(batched, donate_argnums=0)
     self.evaluate = jax.jit(jax.vmap(
@@ -182,46 +236,94 @@ class SeedBatch:
             for i in range(self.num_seeds)]
 
 
+def _records_until(path: str, done: int) -> list[dict]:
+  recs = io.read_jsonl(path) if os.path.exists(path) else []
+  return [r for r in recs if r["round"] <= done]
+
+
 def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
               progress: bool = False, mode: str = "auto",
-              batch: Optional[SeedBatch] = None) -> list[dict]:
+              batch: Optional[SeedBatch] = None,
+              output_dirs: Optional[Sequence[str]] = None) -> list[dict]:
   """Runs ``cfg`` once per seed, all seeds in one compiled round step.
 
   Args:
     cfg: the configuration; ``cfg.seed`` picks the data partition when
-      ``fd`` is None, each entry of ``seeds`` everything else.
+      ``fd`` is None (or ``cfg.data_seed``, when set), each entry of
+      ``seeds`` everything else.
     seeds: the S seeds.
     fd: the federated data shared by all seeds (None: ``build_data(cfg)``).
     progress: show a progress bar.
-    mode: how the seeds share the step, ``"auto"``, ``"vmap"`` or ``"map"``
-      (see :class:`SeedBatch`).
+    mode: how the seeds share the step, ``"auto"``, ``"vmap"``, ``"map"`` or
+      ``"shard"`` (see :class:`SeedBatch`).
     batch: a prebuilt :class:`SeedBatch` of ``cfg`` and ``seeds`` (reuse its
       compiled step).
+    output_dirs: one directory per seed for its ``config.json``,
+      ``rounds.jsonl`` and ``summary.json`` (the files of a separate run;
+      default ``<cfg.output_dir>/seed_<s>/`` when ``cfg.output_dir`` is set).
+      The stacked state is checkpointed every ``cfg.checkpoint_every``
+      rounds into ``<first directory>/seed_batch/``; a killed batch run
+      again with the same seeds resumes from there and ends as it would
+      have.
 
   Returns:
     One summary per seed, with the keys of
     :func:`fedjax_sparse.simulation.experiment.run_experiment`'s summary
     (its ``config`` has ``seed`` set to that seed) plus ``round_losses`` and
     ``seeds_per_step`` (S; the timings are those of the batched step, which
-    advances every seed). With ``cfg.output_dir``, each seed's
-    ``config.json``, ``rounds.jsonl`` and ``summary.json`` go to
-    ``<output_dir>/seed_<s>/``.
+    advances every seed).
   """
   b = batch if batch is not None else SeedBatch(cfg, seeds, fd, mode)
   num = b.num_seeds
+  if output_dirs is None and cfg.output_dir:
+    output_dirs = [os.path.join(cfg.output_dir, f"seed_{s}") for s in b.seeds]
+  if output_dirs is not None and len(output_dirs) != num:
+    raise ValueError(f"{len(output_dirs)} output_dirs for {num} seeds")
+  cfgs = [dataclasses.replace(cfg, seed=s,
+                              output_dir=output_dirs[i] if output_dirs else "")
+          for i, s in enumerate(b.seeds)]
   state = b.init_state()
+  records: list[list[dict]] = [[] for _ in range(num)]
+  ckpt = meta_path = None
+  if output_dirs:
+    for d, c in zip(output_dirs, cfgs):
+      os.makedirs(d, exist_ok=True)
+    ckpt_dir = os.path.join(output_dirs[0], "seed_batch")
+    ckpt = os.path.join(ckpt_dir, "checkpoint")
+    meta_path = os.path.join(ckpt_dir, "batch.json")
+    meta = {"seeds": b.seeds, "output_dirs": [os.path.abspath(d) for d in
+                                              output_dirs],
+            "config": {k: v for k, v in _config_dict(cfg).items()
+                       if k not in ("seed", "rounds", "checkpoint_every")}}
+    meta = json.loads(json.dumps(meta))
+    old = None
+    if os.path.exists(meta_path):
+      with open(meta_path) as f:
+        old = json.load(f)
+    if old == meta and io.checkpoint_exists(ckpt):
+      state = io.load_checkpoint(ckpt, state)
+      done = int(np.asarray(state.round)[0])
+      records = [_records_until(os.path.join(d, "rounds.jsonl"), done)
+                 for d in output_dirs]
+      if any(len(r) != done for r in records):
+        state, records = b.init_state(), [[] for _ in range(num)]
+    os.makedirs(ckpt_dir, exist_ok=True)
+    io.atomic_write_json(meta_path, meta)
+    for d, c in zip(output_dirs, cfgs):
+      io.atomic_write_json(os.path.join(d, "config.json"), _config_dict(c))
+  start = len(records[0])
   t0 = time.perf_counter()
   step = b.round_step.lower(state, b.data).compile()
   compile_s = time.perf_counter() - t0
-  records: list[list[dict]] = [[] for _ in range(num)]
-  last_eval: list[Any] = [None] * num
+  last_eval: list[Any] = [next((r for r in reversed(recs) if "accuracy" in r),
+                               None) for recs in records]
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.rounds, desc=f"rounds x{num} seeds", unit="round",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.rounds, initial=start, desc=f"rounds x{num} seeds",
+               unit="round", dynamic_ncols=True)
   t_run = time.perf_counter()
-  for r in range(cfg.rounds):
+  for r in range(start, cfg.rounds):
     t0 = time.perf_counter()
     state, metrics = step(state, b.data)
     m = jax.device_get({k: metrics[k] for k in (
@@ -255,6 +357,11 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
           rec["asr"] = asrs[i]
         last_eval[i] = rec
       records[i].append(rec)
+    if output_dirs:
+      for d, recs in zip(output_dirs, records):
+        io.write_jsonl(os.path.join(d, "rounds.jsonl"), recs)
+      if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
+        io.save_checkpoint(ckpt, state)
     if bar is not None:
       bar.set_postfix({"loss": f"{float(np.mean(m['loss'])):.3f}",
                        "s/round": f"{seconds:.2f}"})
@@ -263,9 +370,8 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     bar.close()
   wall = time.perf_counter() - t_run
   summaries = []
-  for i, s in enumerate(b.seeds):
+  for i, cfg_s in enumerate(cfgs):
     recs, ev = records[i], last_eval[i]
-    cfg_s = dataclasses.replace(cfg, seed=s)
     summary = {
         "config": _config_dict(cfg_s),
         "rounds": cfg.rounds,
@@ -288,15 +394,12 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
         "backend": jax.default_backend(),
         "round_losses": [x["loss"] for x in recs],
         "seeds_per_step": num,
+        "seed_batch": {"seeds": b.seeds, "mode": b.mode},
     }
     if b.base.has_asr:
       summary["final_asr"] = ev.get("asr") if ev else None
     summaries.append(summary)
-    if cfg.output_dir:
-      out = os.path.join(cfg.output_dir, f"seed_{s}")
-      os.makedirs(out, exist_ok=True)
-      io.atomic_write_json(os.path.join(out, "config.json"),
-                           _config_dict(cfg_s))
-      io.write_jsonl(os.path.join(out, "rounds.jsonl"), recs)
-      io.atomic_write_json(os.path.join(out, "summary.json"), summary)
+    if output_dirs:
+      io.atomic_write_json(os.path.join(output_dirs[i], "summary.json"),
+                           summary)
   return summaries
