@@ -16,9 +16,15 @@ chunks of 10 clients, FedAvg:
 2. Devices: the client axis split over 1 and 2 host CPU devices (C=10,000),
    at 2 and at 10 local steps.
 3. Seeds: 4 seeds in one compiled step (:mod:`fedjax_sparse.simulation.
-   multi_seed`, ``vmap`` over the seeds and ``lax.map`` over them) against 4
-   separately compiled runs advancing one round each (C=1,000, at K=100 and
-   K=10).
+   multi_seed`: ``vmap`` over the seeds, ``lax.map`` over them, and
+   ``shard``, the seeds split over the 2 host devices) against 4 separately
+   compiled runs advancing one round each, with the client axis on one
+   device or split over both (the faster is the baseline); C=1,000, at
+   K=100 and K=10, all variants timed in turn every round; and end to
+   end, as a sweep runs them: 4 ``run_experiment`` calls against one
+   ``run_seeds`` call per mode (building, compiling, 30 rounds, an
+   evaluation every 10).
+   ``--only=seeds`` runs this section alone and updates it in ``--out``.
 
 Times are per round, the median (and minimum) of ``--rounds`` rounds after
 compilation. The machine is shared: minima are the least disturbed.
@@ -161,49 +167,178 @@ def child_population(num_clients, rounds, client_devices, sampler,
           "round_min_s": min(ts), "rss_mb": rss, "xla_mb": xla_mb}
 
 
-def child_seeds(num_clients, k, num_seeds, rounds):
-  """S seeds batched in one step against S separate runs, one round each."""
+def child_seeds(num_clients, k, num_seeds, rounds, modes=("vmap", "map"),
+                separate_devices=(1,), sweep_rounds=0):
+  """S seeds batched in one step against S separate runs, one round each.
+
+  Every variant is compiled first; then each round times all of them in
+  turn (interleaved, so that load from other users of the machine falls on
+  each alike). ``separate_devices`` lists the client-axis splits tried for
+  the separate runs; the fastest is the baseline of the speedups.
+  """
   import jax
   from fedjax_sparse.simulation.experiment import Experiment
   from fedjax_sparse.simulation.multi_seed import SeedBatch
   fd, _ = _federated_data(num_clients)
-  cfg = _config(num_clients, k=k, rounds=rounds)
   seeds = list(range(num_seeds))
-  steps, states, datas = [], [], []
-  t0 = time.perf_counter()
-  for s in seeds:
-    exp = Experiment(dataclasses.replace(cfg, seed=s), fd=fd)
-    st = exp.init_state()
-    steps.append(exp.round_step.lower(st, exp.data).compile())
-    states.append(st)
-    datas.append(exp.data)
-  sep_compile = time.perf_counter() - t0
-  for i in range(num_seeds):  # warm-up
-    states[i], _ = _time_rounds(steps[i], states[i], datas[i], 1)
-  sep = []
-  for _ in range(rounds):
+  variants = {}
+  for d in separate_devices:
+    cfg = _config(num_clients, k=k, rounds=rounds, client_devices=d)
     t0 = time.perf_counter()
-    for i in range(num_seeds):
-      states[i], _ = steps[i](states[i], datas[i])
-    jax.block_until_ready(states)
-    sep.append(time.perf_counter() - t0)
-  del steps, states, datas
-  out = {"C": num_clients, "K": k, "seeds": num_seeds,
-         "separate_round_s": statistics.median(sep),
-         "separate_round_min_s": min(sep), "separate_compile_s": sep_compile}
-  for mode in ("vmap", "map"):
+    steps, states, datas = [], [], []
+    for s in seeds:
+      exp = Experiment(dataclasses.replace(cfg, seed=s), fd=fd)
+      st = exp.init_state()
+      steps.append(exp.round_step.lower(st, exp.data).compile())
+      states.append(st)
+      datas.append(exp.data)
+    variants[f"separate@{d}"] = {"steps": steps, "states": states,
+                                 "datas": datas,
+                                 "compile_s": time.perf_counter() - t0}
+  cfg = _config(num_clients, k=k, rounds=rounds, client_devices=1)
+  for mode in modes:
     t0 = time.perf_counter()
     b = SeedBatch(cfg, seeds, fd, mode=mode)
     st = b.init_state()
-    step = b.round_step.lower(st, b.data).compile()
-    compile_s = time.perf_counter() - t0
-    st, _ = _time_rounds(step, st, b.data, 1)
-    st, bat = _time_rounds(step, st, b.data, rounds)
-    out[mode] = {"round_s": statistics.median(bat), "round_min_s": min(bat),
-                 "compile_s": compile_s,
-                 "speedup": statistics.median(sep) / statistics.median(bat)}
-    del b, st, step
+    variants[mode] = {"steps": [b.round_step.lower(st, b.data).compile()],
+                      "states": [st], "datas": [b.data],
+                      "compile_s": time.perf_counter() - t0,
+                      "devices": 1 if b.mesh is None else b.mesh.size}
+
+  def one_round(v):
+    t0 = time.perf_counter()
+    for i, step in enumerate(v["steps"]):
+      v["states"][i], m = step(v["states"][i], v["datas"][i])
+    jax.block_until_ready(v["states"])
+    return time.perf_counter() - t0
+
+  times = {name: [] for name in variants}
+  for name, v in variants.items():  # warm-up
+    one_round(v)
+  for _ in range(rounds):
+    for name, v in variants.items():
+      times[name].append(one_round(v))
+  out = {"C": num_clients, "K": k, "seeds": num_seeds,
+         "devices": len(jax.devices())}
+  for name, v in variants.items():
+    out[name] = {"round_s": statistics.median(times[name]),
+                 "round_min_s": min(times[name]), "compile_s": v["compile_s"]}
+    if "devices" in v:
+      out[name]["devices"] = v["devices"]
+  names = list(variants)
+  del variants  # free the compiled steps and states before the sweep runs
+  sep = min((n for n in names if n.startswith("separate")),
+            key=lambda n: out[n]["round_s"])
+  out["separate"] = sep
+  out["separate_round_s"] = out[sep]["round_s"]
+  out["separate_round_min_s"] = out[sep]["round_min_s"]
+  out["separate_compile_s"] = out[sep]["compile_s"]
+  for mode in modes:
+    out[mode]["speedup"] = out["separate_round_s"] / out[mode]["round_s"]
+    out[mode]["speedup_min"] = (out["separate_round_min_s"]
+                                / out[mode]["round_min_s"])
+  if sweep_rounds:
+    out["sweep"] = _sweep_seconds(fd, num_clients, k, seeds, sweep_rounds,
+                                  int(sep.split("@")[1]), modes)
   return out
+
+
+def _sweep_seconds(fd, num_clients, k, seeds, rounds, sep_devices, modes):
+  """End to end, as a sweep runs them: the S seeds as S separate
+  ``run_experiment`` calls against one ``run_seeds`` call per mode, each
+  building its experiments, compiling, and running ``rounds`` rounds with an
+  evaluation every 10 (seconds of wall time)."""
+  from fedjax_sparse.simulation.experiment import run_experiment
+  from fedjax_sparse.simulation.multi_seed import run_seeds
+  cfg = dataclasses.replace(_config(num_clients, k=k, rounds=rounds),
+                            eval_every=10)
+  out = {"rounds": rounds}
+  t0 = time.perf_counter()
+  for s in seeds:
+    run_experiment(dataclasses.replace(cfg, seed=s,
+                                       client_devices=sep_devices),
+                   progress=False, fd=fd)
+  out["separate_s"] = time.perf_counter() - t0
+  for mode in modes:
+    t0 = time.perf_counter()
+    run_seeds(cfg, seeds, fd=fd, mode=mode)
+    out[f"{mode}_s"] = time.perf_counter() - t0
+    out[f"{mode}_speedup"] = out["separate_s"] / out[f"{mode}_s"]
+  return out
+
+
+SEED_MODES = ("vmap", "map", "shard")
+SWEEP_ROUNDS = 30  # the FLARE sweep's rounds
+
+
+def _seeds_section(rounds, timeout):
+  """4 seeds on 2 host devices: separate runs (client axis on 1 or split
+  over 2 devices, the faster is the baseline) against the batched modes."""
+  seeds = []
+  for k in (K, 10):
+    r = _run_child("seeds", 2, timeout, num_clients=1_000, k=k, num_seeds=4,
+                   rounds=rounds, modes=SEED_MODES, separate_devices=(1, 2),
+                   sweep_rounds=SWEEP_ROUNDS)
+    seeds.append(r)
+    print(f"  seeds=4 K={k} separate ({r['separate']}) "
+          f"{r['separate_round_s'] * 1e3:7.1f} ms " + " ".join(
+              f"{m} {r[m]['round_s'] * 1e3:7.1f} ms ({r[m]['speedup']:.2f}x)"
+              for m in SEED_MODES), flush=True)
+    sw = r["sweep"]
+    print(f"  seeds=4 K={k} {sw['rounds']} rounds end to end: separate "
+          f"{sw['separate_s']:.1f} s " + " ".join(
+              f"{m} {sw[m + '_s']:.1f} s ({sw[m + '_speedup']:.2f}x)"
+              for m in SEED_MODES), flush=True)
+  return seeds
+
+
+def _seed_targets(seeds):
+  out = {f"K={r['K']} {mode} per round": r[mode]["speedup"] > 1
+         for r in seeds for mode in SEED_MODES if mode in r}
+  out.update({f"K={r['K']} {mode} sweep of {r['sweep']['rounds']} rounds":
+              r["sweep"][f"{mode}_speedup"] > 1
+              for r in seeds if "sweep" in r for mode in SEED_MODES})
+  return out
+
+
+def _print_seeds(seeds):
+  print("| seeds | K | 4 separate runs ms/round (client devices) | "
+        + " | ".join(f"{m} ms/round" for m in SEED_MODES) + " |")
+  print("|---:|---:|---:|" + "---:|" * len(SEED_MODES))
+  for r in seeds:
+    cells = " | ".join(
+        f"{r[m]['round_s'] * 1e3:.1f} ({r[m]['speedup']:.2f}x)"
+        for m in SEED_MODES)
+    print(f"| {r['seeds']} | {r['K']} | {r['separate_round_s'] * 1e3:.1f} "
+          f"({r['separate'].split('@')[1]}) | {cells} |")
+  print()
+  print("| seeds | K | rounds | 4 separate runs s | "
+        + " | ".join(f"{m} s" for m in SEED_MODES) + " |")
+  print("|---:|---:|---:|---:|" + "---:|" * len(SEED_MODES))
+  for r in seeds:
+    sw = r["sweep"]
+    cells = " | ".join(f"{sw[m + '_s']:.1f} ({sw[m + '_speedup']:.2f}x)"
+                       for m in SEED_MODES)
+    print(f"| {r['seeds']} | {r['K']} | {sw['rounds']} | "
+          f"{sw['separate_s']:.1f} | {cells} |")
+  print()
+
+
+def _seeds_only(args, rounds, timeout, load_start):
+  seeds = _seeds_section(rounds, timeout)
+  _print_seeds(seeds)
+  from fedjax_sparse.simulation import io
+  out = {}
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      out = json.load(f)
+  out["seeds"] = seeds
+  out.setdefault("targets", {})["seeds_batched_faster"] = _seed_targets(seeds)
+  out["seeds_machine"] = _machine()
+  out["seeds_load_average"] = {"start": load_start, "end": os.getloadavg()}
+  print(json.dumps(out["targets"]["seeds_batched_faster"], indent=2))
+  io.atomic_write_json(args.out, out)
+  print(f"\nwrote {args.out}")
 
 
 def _run_child(kind, devices, timeout, **kw):
@@ -263,6 +398,8 @@ def main():
   parser.add_argument("--reps", type=int, default=3,
                       help="fresh processes per population cell")
   parser.add_argument("--out", default="benchmarks/results/scale.json")
+  parser.add_argument("--only", default="", choices=["", "seeds"],
+                      help="run one section and update it in --out")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--child_args", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -275,6 +412,9 @@ def main():
   load_start = os.getloadavg()
   timeout = 900
 
+  if args.only == "seeds":
+    _seeds_only(args, rounds, timeout, load_start)
+    return
   print("partition tables over 60,000 labels")
   parts = [r for c in (1_000, 10_000, 100_000) for r in _partition_sizes(c)]
   for r in parts:
@@ -319,16 +459,7 @@ def main():
             f"{r['round_s'] * 1e3:7.1f} ms (min "
             f"{r['round_min_s'] * 1e3:7.1f})", flush=True)
 
-  seeds = []
-  for k in (K, 10):
-    r = _run_child("seeds", 1, timeout, num_clients=1_000, k=k, num_seeds=4,
-                   rounds=rounds)
-    seeds.append(r)
-    print(f"  seeds=4 K={k} separate {r['separate_round_s'] * 1e3:7.1f} ms "
-          f"vmap {r['vmap']['round_s'] * 1e3:7.1f} ms "
-          f"({r['vmap']['speedup']:.2f}x) map "
-          f"{r['map']['round_s'] * 1e3:7.1f} ms "
-          f"({r['map']['speedup']:.2f}x)", flush=True)
+  seeds = _seeds_section(rounds, timeout)
 
   def by(sampler, c):
     return next(r for r in pop if r["sampler"] == sampler and r["C"] == c)
@@ -352,9 +483,7 @@ def main():
             for r in (a, b)),
         "xla_step_memory_growth_mb": xla_growth,
         "per_client_tables_growth_mb": table_growth}
-  targets["seeds_batched_faster"] = {
-      f"K={r['K']} {mode}": r[mode]["speedup"] > 1
-      for r in seeds for mode in ("vmap", "map")}
+  targets["seeds_batched_faster"] = _seed_targets(seeds)
 
   print()
   print("| C | sampler | n_max | tables MB | step args+temp MB (XLA) | "
@@ -376,14 +505,7 @@ def main():
     print(f"| {r['local_steps']} | {r['client_devices']} | "
           f"{r['round_s'] * 1e3:.1f} | {r['round_min_s'] * 1e3:.1f} |")
   print()
-  print("| seeds | K | 4 separate runs ms/round | vmap ms/round | "
-        "map ms/round |")
-  print("|---:|---:|---:|---:|---:|")
-  for r in seeds:
-    print(f"| {r['seeds']} | {r['K']} | {r['separate_round_s'] * 1e3:.1f} | "
-          f"{r['vmap']['round_s'] * 1e3:.1f} ({r['vmap']['speedup']:.2f}x) | "
-          f"{r['map']['round_s'] * 1e3:.1f} ({r['map']['speedup']:.2f}x) |")
-  print()
+  _print_seeds(seeds)
   print(json.dumps(targets, indent=2))
 
   from fedjax_sparse.simulation import io

@@ -101,7 +101,7 @@ def expand_pack_mask(masks: Array, pack_size: int, d: int) -> Array:
   return out.reshape(masks.shape[:-1] + (n * pack_size,))[..., :d]
 
 
-_GROUP = 10  # clients summed per fused loop (bounds the operands of one fusion)
+_GROUP = 25  # clients summed per fused loop (bounds the operands of one fusion)
 
 
 def pack_weight_sums(masks: Array, w: Array) -> Array:
