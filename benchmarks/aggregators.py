@@ -33,6 +33,10 @@ are wall-clock; other jobs share the 2 cores (the load average is recorded).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import math
 import os

@@ -22,6 +22,10 @@ cap 0.25) on the hybrid paper's 2-layer CNN (431k parameters), end to end
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import os
 import platform

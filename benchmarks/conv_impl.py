@@ -24,6 +24,10 @@ local training does (FLOP/s then scale XLA's once-counted loop body by S).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import json
 import os

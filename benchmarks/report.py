@@ -41,8 +41,10 @@ def round_throughput(r: dict) -> str:
 
 
 def sparsify(r: dict) -> str:
+  tun = r.get("glibc_tunables")
   out = [f"Sparsification (`benchmarks/sparsify.py`, {r['cpu_count']} cores, "
-         f"load average at the end {r['load_average_at_end'][0]:.1f}): pack "
+         f"load average at the end {r['load_average_at_end'][0]:.1f}"
+         + (f", `GLIBC_TUNABLES={tun}`" if tun else "") + "): pack "
          "top-k (r = 0.5) against numpy `argpartition`, and FLARE Alg. 2 "
          "(`combine` with masks) against the dense weighted mean of the same "
          "inputs.", "",
@@ -86,9 +88,60 @@ def aggregators(r: dict) -> str:
           + r["table_markdown"].strip())
 
 
+def scale(r: dict) -> str:
+  s, m = r["setup"], r["machine"]
+  out = [f"Scale (`benchmarks/scale.py`, {m['processor']}, {m['cpus']} cores, "
+         f"JAX {m['jax']}, load average {r['load_average']['start'][0]:.1f}"
+         f"-{r['load_average']['end'][0]:.1f}): {s['model']}, K = {s['K']}, "
+         f"{s['local_steps']} local steps of batch {s['batch']}, engine "
+         f"{s['engine']}, {s['partition']} partition of {s['N']:,} examples, "
+         f"median of {s['rounds']} rounds, {s['reps']} fresh processes per "
+         "cell. Samplers: `choice` (a shuffle of the C clients) and `topk` "
+         "(the O(C) sampler the round step uses).", "",
+         "| C | sampler | n_max | per-client tables MB | round ms | "
+         "peak RSS MB |", "|---:|---|---:|---:|---:|---:|"]
+  for p in r["population"]:
+    out.append(f"| {p['C']:,} | {p['sampler']} | {p['n_max']} | "
+               f"{p['per_client_tables_mb']:.2f} | {p['round_s'] * 1e3:.1f} | "
+               f"{p['peak_rss_mb']:.0f} |")
+  t = r["targets"]["topk"]
+  out += ["", f"C = 100,000 / C = 1,000 time per round (topk): "
+          f"{t['round_ratio_100k_over_1k']:.2f}x (target 1.2x); compiled-step "
+          f"memory +{t['xla_step_memory_growth_mb']:.1f} MB for "
+          f"+{t['per_client_tables_growth_mb']:.1f} MB of per-client tables "
+          f"(process peak RSS +{t['peak_rss_growth_mb']:.0f} MB, "
+          f"run-to-run spread {t['peak_rss_spread_mb']:.0f} MB)."]
+  seeds = r.get("seeds") or []
+  if seeds:
+    sm = r.get("seeds_machine", m)
+    la = r.get("seeds_load_average", r["load_average"])
+    modes = [k for k in ("vmap", "map", "shard") if k in seeds[0]]
+    out += ["", f"Seed batches ({sm['processor']}, {sm['cpus']} cores split "
+            f"into {seeds[0].get('devices', 1)} host devices, load average "
+            f"{la['start'][0]:.1f}-{la['end'][0]:.1f}; C = 1,000): 4 seeds in "
+            "one compiled step against 4 separately compiled runs, per round "
+            "(all variants timed in turn) and end to end as a sweep runs "
+            "them (build, compile, rounds, an evaluation every 10).", "",
+            "| K | 4 separate runs ms/round | " + " | ".join(
+                f"{x} ms/round" for x in modes) + " | rounds | 4 separate "
+            "runs s | " + " | ".join(f"{x} s" for x in modes) + " |",
+            "|---:|---:|" + "---:|" * len(modes) + "---:|---:|"
+            + "---:|" * len(modes)]
+    for x in seeds:
+      sw = x.get("sweep", {})
+      out.append(
+          f"| {x['K']} | {x['separate_round_s'] * 1e3:.1f} | " + " | ".join(
+              f"{x[k]['round_s'] * 1e3:.1f} ({x[k]['speedup']:.2f}x)"
+              for k in modes) + f" | {sw.get('rounds', '')} | "
+          f"{sw.get('separate_s', float('nan')):.1f} | " + " | ".join(
+              f"{sw[k + '_s']:.1f} ({sw[k + '_speedup']:.2f}x)"
+              for k in modes if k + "_s" in sw) + " |")
+  return "\n".join(out)
+
+
 SECTIONS = {"round_throughput.json": round_throughput,
             "sparsify.json": sparsify, "attacks.json": attacks,
-            "aggregators.json": aggregators}
+            "aggregators.json": aggregators, "scale.json": scale}
 
 
 def main():

@@ -22,6 +22,10 @@ measured in the same run.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import json
 import os

@@ -34,6 +34,10 @@ compilation. The machine is shared: minima are the least disturbed.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import dataclasses
 import json

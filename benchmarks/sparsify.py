@@ -28,6 +28,10 @@ the machine's load average is recorded with them, since other jobs share its
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import argparse
 import os
 import platform
@@ -176,7 +180,9 @@ def main():
       "backend": jax.default_backend(),
       "devices": [str(x) for x in jax.devices()],
       "cpu_count": os.cpu_count(),
+      "processor": platform.processor() or platform.machine(),
       "platform": platform.platform(),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "jax_version": jax.__version__,
       "load_average_at_end": os.getloadavg(),
       "wall_s": time.time() - t_start,

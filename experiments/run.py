@@ -19,6 +19,10 @@ each other, elsewhere add ``--coordinator_address=host0:1234
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import dataclasses
 import json
 import sys

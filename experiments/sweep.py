@@ -74,6 +74,10 @@ any is run; a bad flag fails with a message saying what to change.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
+  from fedjax_sparse.hugepages import restart_with_huge_pages
+  restart_with_huge_pages()
+
 import collections
 import csv
 import dataclasses

@@ -66,6 +66,7 @@ def test_resume_refuses_another_configuration(tmp_path):
     (dict(dataset="nosuchdata"), "nosuchdata"),
     (dict(dataset="fashion_mnist", data_dir="/nonexistent"), "dataset-fashion-mnist"),
     (dict(conv_impl="fft"), "conv_impl"),
+    (dict(data_seed=-2), "data_seed"),
 ])
 def test_bad_config_fails_with_a_message(kw, msg):
   with pytest.raises((ValueError, FileNotFoundError), match=msg):
@@ -163,3 +164,19 @@ def test_resume_accepts_fields_added_later_at_their_default(tmp_path):
   with pytest.raises(ValueError, match="another configuration.*twin"):
     run_experiment(dataclasses.replace(SMALL, output_dir=str(tmp_path / "a"),
                                        rounds=3, twin=True), progress=False)
+
+
+def test_data_seed_fixes_the_partition_and_nothing_else():
+  from fedjax_sparse.simulation.experiment import build_data
+  cfg = dataclasses.replace(SMALL, partition="dirichlet", alpha=0.5,
+                            num_clients=6, min_samples=2)
+  p0 = build_data(cfg).clients.idx
+  assert not np.array_equal(build_data(dataclasses.replace(cfg, seed=1))
+                            .clients.idx, p0)
+  fixed = dataclasses.replace(cfg, seed=1, data_seed=0)
+  assert fixed.effective_data_seed == 0 and cfg.effective_data_seed == 0
+  assert np.array_equal(build_data(fixed).clients.idx, p0)
+  # The other randomness still follows --seed.
+  a = run_experiment(dataclasses.replace(cfg, rounds=1), progress=False)
+  b = run_experiment(dataclasses.replace(fixed, rounds=1), progress=False)
+  assert a["final_test_loss"] != b["final_test_loss"]
