@@ -101,7 +101,7 @@ def expand_pack_mask(masks: Array, pack_size: int, d: int) -> Array:
   return out.reshape(masks.shape[:-1] + (n * pack_size,))[..., :d]
 
 
-_GROUP = 25  # clients summed per fused loop (bounds the operands of one fusion)
+_GROUP = 50  # clients summed per fused loop (mask rows streamed at once)
 
 
 def pack_weight_sums(masks: Array, w: Array) -> Array:
@@ -110,6 +110,9 @@ def pack_weight_sums(masks: Array, w: Array) -> Array:
   An unrolled sum of selects, so XLA fuses each group of clients into one
   elementwise loop over the 1-byte masks (no converted float copy of the
   masks, whose matrix-vector product costs several dense means on CPU).
+  An optimization barrier closes each group's loop: one loop over all of
+  K = 100 mask rows at once ran 5-15% slower on CPU than two of 50 (the
+  sums are exact for integer weights, whatever the grouping).
   """
   total = None
   for s in range(0, masks.shape[0], _GROUP):
@@ -118,6 +121,8 @@ def pack_weight_sums(masks: Array, w: Array) -> Array:
       term = jnp.where(masks[i], w[i], jnp.zeros((), w.dtype))
       part = term if part is None else part + term
     total = part if total is None else total + part
+    if s + _GROUP < masks.shape[0]:
+      total = jax.lax.optimization_barrier(total)
   return total
 
 
