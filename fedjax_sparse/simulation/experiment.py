@@ -485,6 +485,49 @@ def _mean(values):
   return float(np.mean(values)) if values else None
 
 
+def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
+                 get) -> dict:
+  """The per-round record every run writes (``get(name)``: a round metric)."""
+  rec = {"round": round_, "loss": float(get("loss")), "seconds": seconds,
+         "update_norm": float(get("update_norm")),
+         "uplink_bits": float(get("uplink_bits")),
+         "downlink_bits": float(get("downlink_bits"))}
+  if cfg.attack != "none":
+    n_mal = int(get("num_malicious"))
+    n_ben = cfg.clients_per_round - n_mal
+    rec.update({
+        "attack_active": bool(get("attack_active")),
+        "num_malicious": n_mal,
+        "tpr": int(get("flagged_malicious")) / n_mal if n_mal else None,
+        "fpr": int(get("flagged_benign")) / n_ben if n_ben else None})
+  return rec
+
+
+def run_summary(cfg: ExperimentConfig, records: list[dict],
+                last_eval: Optional[dict], compile_s: float,
+                wall_seconds: float, num_params: int) -> dict:
+  """The summary fields every run writes (extras are added by the caller)."""
+  steady = [x["seconds"] for x in records]
+  return {
+      "config": _config_dict(cfg),
+      "rounds": cfg.rounds,
+      "final_accuracy": last_eval["accuracy"] if last_eval else None,
+      "final_top5_accuracy": last_eval["top5_accuracy"] if last_eval else None,
+      "final_test_loss": last_eval["test_loss"] if last_eval else None,
+      "best_accuracy": max((x["accuracy"] for x in records if "accuracy" in x),
+                           default=None),
+      "compile_seconds": compile_s,
+      "median_round_seconds": float(np.median(steady)) if steady else None,
+      "wall_seconds": wall_seconds,
+      "num_params": num_params,
+      "uplink_bits_total": sum(x["uplink_bits"] for x in records),
+      "downlink_bits_total": sum(x["downlink_bits"] for x in records),
+      "mean_tpr": _mean([x.get("tpr") for x in records if x.get("attack_active")]),
+      "mean_fpr": _mean([x.get("fpr") for x in records if x.get("attack_active")]),
+      "backend": jax.default_backend(),
+  }
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True,
                    fd=None) -> dict:
   """Runs (or resumes) an experiment and returns its summary dict."""
@@ -535,18 +578,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     loss = float(metrics["loss"])
     seconds = time.perf_counter() - t0
     main = exp.main_state(state)
-    rec = {"round": r + 1, "loss": loss, "seconds": seconds,
-           "update_norm": float(metrics["update_norm"]),
-           "uplink_bits": float(metrics["uplink_bits"]),
-           "downlink_bits": float(metrics["downlink_bits"])}
+    rec = round_record(cfg, r + 1, seconds, lambda k: metrics[k])
     if cfg.attack != "none":
-      n_mal = int(metrics["num_malicious"])
-      n_ben = cfg.clients_per_round - n_mal
-      rec.update({
-          "attack_active": bool(metrics["attack_active"]),
-          "num_malicious": n_mal,
-          "tpr": int(metrics["flagged_malicious"]) / n_mal if n_mal else None,
-          "fpr": int(metrics["flagged_benign"]) / n_ben if n_ben else None})
       # Escape ratios of the rule (hybrid paper 2.4), when it reports them.
       rec.update({k[len("agg/"):]: float(v) for k, v in metrics.items()
                   if k.startswith("agg/escape_ratio")})
@@ -588,25 +621,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       bar.update(1)
   if bar is not None:
     bar.close()
-  steady = [x["seconds"] for x in records]
-  summary = {
-      "config": _config_dict(cfg),
-      "rounds": cfg.rounds,
-      "final_accuracy": last_eval["accuracy"] if last_eval else None,
-      "final_top5_accuracy": last_eval["top5_accuracy"] if last_eval else None,
-      "final_test_loss": last_eval["test_loss"] if last_eval else None,
-      "best_accuracy": max((x["accuracy"] for x in records if "accuracy" in x),
-                           default=None),
-      "compile_seconds": compile_s,
-      "median_round_seconds": float(np.median(steady)) if steady else None,
-      "wall_seconds": time.perf_counter() - t_run,
-      "num_params": exp.layout.d,
-      "uplink_bits_total": sum(x["uplink_bits"] for x in records),
-      "downlink_bits_total": sum(x["downlink_bits"] for x in records),
-      "mean_tpr": _mean([x.get("tpr") for x in records if x.get("attack_active")]),
-      "mean_fpr": _mean([x.get("fpr") for x in records if x.get("attack_active")]),
-      "backend": jax.default_backend(),
-  }
+  summary = run_summary(cfg, records, last_eval, compile_s,
+                        time.perf_counter() - t_run, exp.layout.d)
   if exp.has_asr:
     summary["final_asr"] = last_eval.get("asr") if last_eval else None
   if exp.has_targeted:

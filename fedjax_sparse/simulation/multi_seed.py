@@ -48,8 +48,8 @@ import numpy as np
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation.experiment import (SERVER_DATA_RULES,
                                                  Experiment, ExperimentConfig,
-                                                 _config_dict, _mean,
-                                                 build_data)
+                                                 _config_dict, build_data,
+                                                 round_record, run_summary)
 from fedjax_sparse.simulation.round import (RoundData, make_evaluate,
                                             make_round_step)
 
@@ -337,18 +337,7 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
         asrs = [e["accuracy"] for e in
                 b.eval_state(state, b.base.x_asr, b.base.y_asr)]
     for i in range(num):
-      rec = {"round": r + 1, "loss": float(m["loss"][i]), "seconds": seconds,
-             "update_norm": float(m["update_norm"][i]),
-             "uplink_bits": float(m["uplink_bits"][i]),
-             "downlink_bits": float(m["downlink_bits"][i])}
-      if cfg.attack != "none":
-        n_mal = int(m["num_malicious"][i])
-        n_ben = cfg.clients_per_round - n_mal
-        rec.update({
-            "attack_active": bool(m["attack_active"][i]),
-            "num_malicious": n_mal,
-            "tpr": int(m["flagged_malicious"][i]) / n_mal if n_mal else None,
-            "fpr": int(m["flagged_benign"][i]) / n_ben if n_ben else None})
+      rec = round_record(cfg, r + 1, seconds, lambda k, i=i: m[k][i])
       if evals is not None:
         rec.update({"test_loss": evals[i]["loss"],
                     "accuracy": evals[i]["accuracy"],
@@ -372,30 +361,10 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
   summaries = []
   for i, cfg_s in enumerate(cfgs):
     recs, ev = records[i], last_eval[i]
-    summary = {
-        "config": _config_dict(cfg_s),
-        "rounds": cfg.rounds,
-        "final_accuracy": ev["accuracy"] if ev else None,
-        "final_top5_accuracy": ev["top5_accuracy"] if ev else None,
-        "final_test_loss": ev["test_loss"] if ev else None,
-        "best_accuracy": max((x["accuracy"] for x in recs if "accuracy" in x),
-                             default=None),
-        "compile_seconds": compile_s,
-        "median_round_seconds": (float(np.median([x["seconds"] for x in recs]))
-                                 if recs else None),
-        "wall_seconds": wall,
-        "num_params": b.base.layout.d,
-        "uplink_bits_total": sum(x["uplink_bits"] for x in recs),
-        "downlink_bits_total": sum(x["downlink_bits"] for x in recs),
-        "mean_tpr": _mean([x.get("tpr") for x in recs
-                           if x.get("attack_active")]),
-        "mean_fpr": _mean([x.get("fpr") for x in recs
-                           if x.get("attack_active")]),
-        "backend": jax.default_backend(),
-        "round_losses": [x["loss"] for x in recs],
-        "seeds_per_step": num,
-        "seed_batch": {"seeds": b.seeds, "mode": b.mode},
-    }
+    summary = run_summary(cfg_s, recs, ev, compile_s, wall, b.base.layout.d)
+    summary.update({"round_losses": [x["loss"] for x in recs],
+                    "seeds_per_step": num,
+                    "seed_batch": {"seeds": b.seeds, "mode": b.mode}})
     if b.base.has_asr:
       summary["final_asr"] = ev.get("asr") if ev else None
     summaries.append(summary)
