@@ -79,8 +79,8 @@ def restart_with_huge_pages() -> None:
   if not wanted():
     return
   argv = getattr(sys, "orig_argv", None)
-  if not argv:
-    return
+  if not argv or sys.argv[:1] == ["-"]:
+    return  # no command line to repeat (a script read from stdin is gone)
   sys.stdout.flush()
   sys.stderr.flush()
   try:
