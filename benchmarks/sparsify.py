@@ -6,7 +6,7 @@ In one run, on the same inputs (standard normal updates, top-k ratio 0.5):
    of :mod:`fedjax_sparse.sparsify.topk`), jitted, at d = 270k (K = 20) and
    d = 11M (K = 1; ``sort``/``top_k``/``approx_max_k`` take seconds there, so
    they get one timed run).
-2. Pack top-k (P in {1, 16}) of ``f32[K, d]``, jitted, against a numpy
+2. Pack top-k (P in {1, 4, 16}; {1, 16} at d = 11M) of ``f32[K, d]``, jitted, against a numpy
    reference (``np.argpartition`` per client, then the dense view), for
    d in {270k, 11M} and K in {20, 100}. Target: >= 2x faster than numpy.
 3. Alg. 2: ``aggregators.combine`` with the pack masks against the dense
@@ -65,9 +65,12 @@ def _time(fn, reps):
 def _time_pair(fa, fb, reps, min_seconds=1.0, max_reps=400):
   """Medians and minima of ``fa()`` and ``fb()`` called in turn.
 
-  Interleaved, so that load from other jobs falls on both alike; at least
-  ``reps`` pairs, more (up to ``max_reps``) until ``min_seconds`` have
-  passed: sub-millisecond calls need many samples for a stable median.
+  Interleaved, so that load from other jobs falls on both alike, and in
+  alternating order (a b, b a, ...): on the 2-core CPU a call ran about 10%
+  slower right after a call of the other function than after one of its
+  own, which a fixed order charges to one side only. At least ``reps``
+  pairs, more (up to ``max_reps``) until ``min_seconds`` have passed:
+  sub-millisecond calls need many samples for a stable median.
   """
   jax.block_until_ready(fa())
   jax.block_until_ready(fb())
@@ -75,7 +78,8 @@ def _time_pair(fa, fb, reps, min_seconds=1.0, max_reps=400):
   start = time.perf_counter()
   while len(ta) < reps or (time.perf_counter() - start < min_seconds
                            and len(ta) < max_reps):
-    for f, ts in ((fa, ta), (fb, tb)):
+    order = ((fa, ta), (fb, tb))
+    for f, ts in (order if len(ta) % 2 == 0 else order[::-1]):
       t0 = time.perf_counter()
       jax.block_until_ready(f())
       ts.append(time.perf_counter() - t0)
@@ -162,7 +166,7 @@ def main():
   print("pack top-k vs numpy, Alg. 2 vs dense mean:", flush=True)
   for d in [270_000] + big:
     for K in ([20, 100] if d < 1_000_000 else [20]):
-      for P in (1, 16):
+      for P in ((1, 4, 16) if d < 1_000_000 else (1, 16)):
         records += bench_grid(d, K, P, reps if d < 1_000_000 else 3)
 
   topk = [r for r in records if r["section"] == "pack_topk"]

@@ -217,7 +217,9 @@ def test_topk_by_magnitude():
 # FLARE Alg. 2 = aggregators.base.combine with masks
 
 
-@pytest.mark.parametrize("P,d", [(1, 13), (4, 13), (3, 12)])
+# P = 4 and 3 take the lax.cond branch of pack_sums_once, P = 8 and 16 the
+# matrix product; d not a multiple of P leaves a partial last pack.
+@pytest.mark.parametrize("P,d", [(1, 13), (4, 13), (3, 12), (8, 37), (16, 40)])
 def test_combine_matches_alg2_oracle(P, d):
   rs = np.random.default_rng(P * 100 + d)
   K = 6
@@ -246,7 +248,7 @@ def test_combine_matches_alg2_oracle(P, d):
 
 def test_combine_after_pack_topk():
   rs = np.random.default_rng(1)
-  K = 23                                  # more than one group of pack_weight_sums
+  K = 2 * aggregators.base._GROUP + 3     # three groups of pack_weight_sums
   U = rs.standard_normal((K, 50)).astype(np.float32)
   dense, masks = pack_topk_batch(jnp.asarray(U), 0.2, 8)
   w = np.arange(1, K + 1, dtype=np.float32)
@@ -254,6 +256,16 @@ def test_combine_after_pack_topk():
   want = np_alg2(np.asarray(dense), np.asarray(masks), w, acc, 8)
   got = jax.jit(lambda u, m: combine(u, m, w, acc, 8))(dense, masks)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2, 51])
+def test_pack_weight_sums_matches_matmul(K):
+  rs = np.random.default_rng(K)
+  masks = rs.random((K, 37)) < 0.4
+  w = rs.random(K).astype(np.float32) * 10
+  got = np.asarray(jax.jit(aggregators.base.pack_weight_sums)(masks, w))
+  np.testing.assert_allclose(got, w.astype(np.float64) @ masks, rtol=1e-6)
+  assert (got[~masks.any(axis=0)] == 0).all()
 
 
 # ---------------------------------------------------------------------------
