@@ -44,7 +44,9 @@ def sparsify(r: dict) -> str:
   tun = r.get("glibc_tunables")
   out = [f"Sparsification (`benchmarks/sparsify.py`, {r['cpu_count']} cores, "
          f"load average at the end {r['load_average_at_end'][0]:.1f}"
-         + (f", `GLIBC_TUNABLES={tun}`" if tun else "") + "): pack "
+         + (f", `GLIBC_TUNABLES={tun}`" if tun else "")
+         + (f", `XLA_FLAGS={r['xla_flags']}`" if r.get("xla_flags") else "")
+         + "): pack "
          "top-k (r = 0.5) against numpy `argpartition`, and FLARE Alg. 2 "
          "(`combine` with masks) against the dense weighted mean of the same "
          "inputs.", "",

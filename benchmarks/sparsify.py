@@ -187,6 +187,7 @@ def main():
       "processor": platform.processor() or platform.machine(),
       "platform": platform.platform(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "jax_version": jax.__version__,
       "load_average_at_end": os.getloadavg(),
       "wall_s": time.time() - t_start,
