@@ -174,10 +174,11 @@ def pack_sums_once(masks: Array, w: Array, pack_size: int) -> Array:
 
   Left to itself XLA fuses the sums of selects into the division of every
   coordinate of the pack, which repeats the ``K`` selects ``P`` times
-  (``jax.lax.optimization_barrier`` does not stop it on CPU: the barrier is
-  gone before fusion). Two ways keep the per-pack sums a buffer of their
-  own: for ``P >= 8`` the matrix product ``w @ masks`` (the float copy of the
-  masks then costs at most an eighth of the updates' bytes), and for smaller
+  (``jax.lax.optimization_barrier`` around the sums did not stop it on
+  XLA:CPU, jax 0.10: the compiled program had one fusion). Two ways keep
+  the per-pack sums a buffer of their own: for ``P >= 8`` the matrix
+  product ``w @ masks`` at full f32 precision (the float copy of the masks
+  then costs at most an eighth of the updates' bytes), and for smaller
   packs the loop of selects as a branch of ``lax.cond`` (taken when some
   client has a nonzero weight; otherwise the sums are zero without reading
   the masks). At K = 100, d = 270k on a 2-core CPU this took Alg. 2 from
@@ -186,6 +187,7 @@ def pack_sums_once(masks: Array, w: Array, pack_size: int) -> Array:
   both sides and the sums may be fused again: slower, never different.
   """
   if pack_size >= _DOT_MIN_PACK:
-    return w @ masks.astype(w.dtype)
+    return jnp.matmul(w, masks.astype(w.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
   return jax.lax.cond(jnp.any(w != 0), pack_weight_sums,
                       lambda m, v: jnp.zeros(m.shape[-1], v.dtype), masks, w)
