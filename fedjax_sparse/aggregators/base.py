@@ -184,10 +184,15 @@ def pack_sums_once(masks: Array, w: Array, pack_size: int) -> Array:
   the masks). At K = 100, d = 270k on a 2-core CPU this took Alg. 2 from
   2.3x / 1.9x / 1.6x the dense mean to 1.3x / 1.3x / 1.1x at P = 2 / 4 / 16.
   Under ``vmap`` with a batched weight vector the branch becomes a select of
-  both sides and the sums may be fused again: slower, never different.
+  both sides and the sums may be fused again: slower, never different. The
+  branch is taken on CPU only: XLA:GPU reads a conditional's predicate on
+  the host, a synchronisation each round, so accelerators get the plain
+  loop (whose fusion there is XLA's to judge; unmeasured, no GPU was lent).
   """
   if pack_size >= _DOT_MIN_PACK:
     return jnp.matmul(w, masks.astype(w.dtype),
                       precision=jax.lax.Precision.HIGHEST)
+  if jax.default_backend() != "cpu":
+    return pack_weight_sums(masks, w)
   return jax.lax.cond(jnp.any(w != 0), pack_weight_sums,
                       lambda m, v: jnp.zeros(m.shape[-1], v.dtype), masks, w)
