@@ -246,15 +246,18 @@ def test_combine_matches_alg2_oracle(P, d):
                              np_alg2(updates, masks, sizes, np.ones(K), P), rtol=1e-5, atol=1e-6)
 
 
-def test_combine_after_pack_topk():
+# P = 4: the select loop, in three groups of pack_weight_sums; P = 8: the
+# matrix product.
+@pytest.mark.parametrize("P", [4, 8])
+def test_combine_after_pack_topk(P):
   rs = np.random.default_rng(1)
-  K = 2 * aggregators.base._GROUP + 3     # three groups of pack_weight_sums
+  K = 2 * aggregators.base._GROUP + 3
   U = rs.standard_normal((K, 50)).astype(np.float32)
-  dense, masks = pack_topk_batch(jnp.asarray(U), 0.2, 8)
+  dense, masks = pack_topk_batch(jnp.asarray(U), 0.2, P)
   w = np.arange(1, K + 1, dtype=np.float32)
   acc = (rs.random(K) < 0.7).astype(np.float32)
-  want = np_alg2(np.asarray(dense), np.asarray(masks), w, acc, 8)
-  got = jax.jit(lambda u, m: combine(u, m, w, acc, 8))(dense, masks)
+  want = np_alg2(np.asarray(dense), np.asarray(masks), w, acc, P)
+  got = jax.jit(lambda u, m: combine(u, m, w, acc, P))(dense, masks)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 

@@ -158,11 +158,7 @@ def combine(updates: Array, masks: Optional[Array], weights: Array,
   d = updates.shape[1]
   # The dense view is zero off-mask, so the numerator needs no mask.
   num = w @ updates
-  if pack_size == 1:
-    den = pack_weight_sums(masks, w)
-  else:
-    den = expand_pack_mask(pack_sums_once(masks, w, pack_size), pack_size, d)
-  den = den[:d]
+  den = expand_pack_mask(pack_sums_once(masks, w, pack_size), pack_size, d)
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
@@ -172,8 +168,10 @@ _DOT_MIN_PACK = 8  # from this pack size on, per-pack sums as a matrix product
 def pack_sums_once(masks: Array, w: Array, pack_size: int) -> Array:
   """:func:`pack_weight_sums`, computed once per pack, not per coordinate.
 
-  Left to itself XLA fuses the sums of selects into the division of every
-  coordinate of the pack, which repeats the ``K`` selects ``P`` times
+  At ``P = 1`` the sums fuse one to one into the division, which costs
+  nothing extra. Left to itself at ``P > 1``, XLA fuses the sums of selects
+  into the division of every coordinate of the pack, which repeats the
+  ``K`` selects ``P`` times
   (``jax.lax.optimization_barrier`` around the sums did not stop it on
   XLA:CPU, jax 0.10: the compiled program had one fusion). Two ways keep
   the per-pack sums a buffer of their own: for ``P >= 8`` the matrix
@@ -189,6 +187,8 @@ def pack_sums_once(masks: Array, w: Array, pack_size: int) -> Array:
   the host, a synchronisation each round, so accelerators get the plain
   loop (whose fusion there is XLA's to judge; unmeasured, no GPU was lent).
   """
+  if pack_size == 1:
+    return pack_weight_sums(masks, w)
   if pack_size >= _DOT_MIN_PACK:
     return jnp.matmul(w, masks.astype(w.dtype),
                       precision=jax.lax.Precision.HIGHEST)
