@@ -50,6 +50,9 @@ UPDATE_CASES = {
     "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
     "c_lasa": {}, "index_poisoning": {"pack_size": 3},
 }
+# The model-space variants (ALGORITHMS.md section 5, threat model).
+SPACE_ATTACKS = ("gna", "scaling", "sign_flip", "model_replacement")
+MODEL_SPACE_CASES = {f"{n}@model": (n, {"space": "model"}) for n in SPACE_ATTACKS}
 
 
 def test_registry():
@@ -73,10 +76,11 @@ def test_alie_z_max():
     assert float(A.z_max(k, km)) == pytest.approx(norm.ppf((k - km - s) / (k - km)), abs=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(UPDATE_CASES))
+@pytest.mark.parametrize("name", sorted(UPDATE_CASES) + sorted(MODEL_SPACE_CASES))
 def test_only_malicious_rows_change(name):
   x = _updates()
-  attack = A.get_update_attack(name)(**UPDATE_CASES[name])
+  name, kwargs = MODEL_SPACE_CASES.get(name, (name, UPDATE_CASES.get(name)))
+  attack = A.get_update_attack(name)(**kwargs)
   apply = jax.jit(attack.apply)
   state = attack.init(D)
   # The traced k_m changes (0 included) without recompiling.
@@ -379,3 +383,112 @@ def test_choose_malicious():
                                 [-1, 0, -1, 1, 2])
   with pytest.raises(ValueError, match="first, random"):
     A.choose_malicious(5, 2, "last")
+
+
+def _global_params(d=D, seed=5):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=d), jnp.float32)
+
+
+def _ctx_global(g):
+  return _ctx().replace(global_params=g)
+
+
+def test_scaling_model_space_is_scaled_local_model():
+  """Uploading lambda * local model: update = (1 - lambda) global + lambda u."""
+  x, g, mal = _updates(), _global_params(), _mal([0, 4])
+  out = np.asarray(jax.jit(A.scaling(scale=10.0, space="model").apply)(
+      (), x, mal, jax.random.key(0), _ctx_global(g))[0])
+  xn, gn = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  np.testing.assert_allclose(out[[0, 4]], (1 - 10.0) * gn + 10.0 * xn[[0, 4]],
+                             rtol=1e-5, atol=1e-4)
+  # The server forms global - upload: the upload is 10 x the local model.
+  np.testing.assert_allclose(gn - out[0], 10.0 * (gn - xn[0]), rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(out[1:4], np.asarray(x)[1:4])
+  # Update space is a boosted honest update.
+  out = np.asarray(A.scaling(space="update").apply((), x, mal, jax.random.key(0),
+                                                   _ctx_global(g))[0])
+  np.testing.assert_allclose(out[0], 10.0 * xn[0], rtol=1e-6)
+
+
+def test_scaling_model_space_masks_follow_the_global_model():
+  """Model-space scaled uploads of different attackers share their top-k mask
+  (dominated by -9 global), where boosted honest updates keep honest masks."""
+  d = 2000
+  rng = np.random.default_rng(1)
+  g = jnp.asarray(rng.normal(size=d) * 1.0, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(4, d)) * 0.01, jnp.float32)
+  mal = jnp.ones(4, bool)
+  ctx = _ctx(d=d, k=4, layout=None).replace(global_params=g)
+
+  def jaccard(rows):
+    _, m = pack_topk_batch(rows, 0.5, 1)
+    m = np.asarray(m)
+    return np.sum(m[0] & m[1]) / np.sum(m[0] | m[1])
+
+  model = A.scaling(space="model").apply((), x, mal, jax.random.key(0), ctx)[0]
+  update = A.scaling(space="update").apply((), x, mal, jax.random.key(0), ctx)[0]
+  assert jaccard(model) > 0.95
+  assert jaccard(update) < 0.5
+
+
+def test_gna_model_space_has_local_model_statistics():
+  d = 20000
+  rng = np.random.default_rng(2)
+  g = jnp.asarray(3.0 + rng.normal(size=d), jnp.float32)
+  x = jnp.asarray(0.1 * rng.normal(size=(3, d)), jnp.float32)
+  mal = _mal([1, 2], k=3)
+  ctx = _ctx(d=d, k=3, layout=None).replace(global_params=g)
+  out = np.asarray(A.gna(space="model").apply((), x, mal, jax.random.key(3), ctx)[0],
+                   np.float64)
+  gn, xn = np.asarray(g, np.float64), np.asarray(x, np.float64)
+  for i in (1, 2):
+    local, noise_model = gn - xn[i], gn - out[i]
+    assert noise_model.mean() == pytest.approx(local.mean(), abs=0.03)
+    assert noise_model.std() == pytest.approx(local.std(), rel=0.03)
+    # Independent of the local model, unlike a perturbed copy of it.
+    assert abs(np.corrcoef(noise_model, local)[0, 1]) < 0.05
+  assert not np.allclose(out[1], out[2])
+  np.testing.assert_array_equal(out[0], np.asarray(x)[0])
+  # Update space: the noise has the update's statistics.
+  out = np.asarray(A.gna(space="update").apply((), x, mal, jax.random.key(3), ctx)[0])
+  assert out[1].std() == pytest.approx(xn[1].std(), rel=0.03)
+
+
+def test_sign_flip_and_model_replacement_spaces():
+  x, g, mal = _updates(), _global_params(), _mal([2])
+  ctx = _ctx_global(g)
+  out = np.asarray(A.sign_flip(space="model").apply((), x, mal, jax.random.key(0), ctx)[0])
+  np.testing.assert_allclose(out[2], 2 * np.asarray(g) - np.asarray(x)[2], rtol=1e-6)
+  out = np.asarray(A.sign_flip().apply((), x, mal, jax.random.key(0), ctx)[0])
+  np.testing.assert_array_equal(out[2], -np.asarray(x)[2])
+  a = A.model_replacement(space="model").apply((), x, mal, jax.random.key(0), ctx)[0]
+  b = A.model_replacement(space="update").apply((), x, mal, jax.random.key(0), ctx)[0]
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(np.asarray(a)[2], K * np.asarray(x)[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPACE_ATTACKS)
+def test_space_is_checked(name):
+  with pytest.raises(ValueError, match="unknown space 'weights'"):
+    A.get_update_attack(name)(space="weights")
+
+
+def test_model_space_needs_the_global_model():
+  with pytest.raises(ValueError, match="global_params"):
+    A.scaling(space="model").apply((), _updates(), _mal([0]), jax.random.key(0),
+                                   _ctx().replace(global_params=None))
+
+
+def test_alie_baruch_z():
+  from scipy.stats import norm
+  for k, km in [(25, 5), (20, 8), (50, 10)]:
+    s = math.floor(k / 2 + 1) - km
+    assert float(A.z_max(k, km, "baruch")) == pytest.approx(norm.ppf((k - s) / k), abs=1e-5)
+  assert float(A.z_max(25, 5, "baruch")) > 1.8 * float(A.z_max(25, 5))
+  x, mal = _updates(), _mal([0, 1, 2])
+  xn = np.asarray(x, np.float64)[3:]
+  out = A.alie(z_rule="baruch").apply((), x, mal, jax.random.key(0), _ctx())[0]
+  np.testing.assert_allclose(out[0], xn.mean(0) - float(A.z_max(K, 3, "baruch"))
+                             * xn.std(0, ddof=1), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="z_rule"):
+    A.alie(z_rule="nope")

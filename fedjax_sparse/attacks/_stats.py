@@ -71,24 +71,35 @@ def masked_std(x: Array, sel: Array, mu: Array, ddof: int = 1) -> Array:
                        ddof=ddof).sigma
 
 
-def z_max(num_clients, num_malicious) -> Array:
+Z_RULES = ("hybrid", "baruch")
+
+
+def z_max(num_clients, num_malicious, rule: str = "hybrid") -> Array:
   """ALIE's scaling (Baruch et al. 2019; hybrid_sparse_attack.txt eq. 12).
 
-  ``s = floor(K/2 + 1) - k_m`` and ``z_max = Phi^-1((K - k_m - s)/(K - k_m))``.
-  Both arguments may be traced. The probability is clipped to
-  ``[1e-6, 1 - 1e-6]`` so that ``z_max`` stays finite where the formula is
-  undefined (``k_m >= K/2``).
+  ``s = floor(K/2 + 1) - k_m``. ``rule="hybrid"`` (the hybrid paper's eq. 12):
+  ``z_max = Phi^-1((K - k_m - s)/(K - k_m))``; ``rule="baruch"`` (Baruch et
+  al. 2019, Alg. 3): ``z_max = Phi^-1((K - s)/K)``, larger at the papers'
+  settings (K = 25, k_m = 5: 0.253 and 0.468). Both counts may be
+  traced. The probability is clipped to ``[1e-6, 1 - 1e-6]`` so that
+  ``z_max`` stays finite where the formula is undefined (``k_m >= K/2``).
 
   Args:
     num_clients: K, clients sampled this round.
     num_malicious: k_m, malicious clients among them.
+    rule: ``"hybrid"`` or ``"baruch"``.
 
   Returns:
     f32 scalar.
   """
+  if rule not in Z_RULES:
+    raise ValueError(f"unknown z rule {rule!r}; choose one of {', '.join(Z_RULES)}")
   k = jnp.asarray(num_clients, jnp.float32)
   km = jnp.asarray(num_malicious, jnp.float32)
   s = jnp.floor(k / 2.0 + 1.0) - km
+  if rule == "baruch":
+    p = (k - s) / jnp.maximum(k, 1.0)
+    return ndtri(jnp.clip(p, 1e-6, 1.0 - 1e-6))
   p = (k - km - s) / jnp.maximum(k - km, 1.0)
   return ndtri(jnp.clip(p, 1e-6, 1.0 - 1e-6))
 

@@ -45,23 +45,55 @@ def _map_malicious_rows(fn, updates: Array, is_malicious: Array, key: Array) -> 
   return lax.map(row, (updates, is_malicious, keys))
 
 
+SPACES = ("model", "update")
+
+
+def check_space(space: str) -> None:
+  """Raises a ValueError unless ``space`` is ``"model"`` or ``"update"``."""
+  if space not in SPACES:
+    raise ValueError(f"unknown space {space!r}; choose one of "
+                     f"{', '.join(SPACES)} (model: the attacker crafts the model "
+                     "it uploads; update: it crafts its update)")
+
+
+def _global(ctx, d: int) -> Array:
+  """The flat global model of the round (the model space needs it)."""
+  if ctx.global_params is None:
+    raise ValueError("space='model' needs ctx.global_params, the flat global "
+                     "model before this round's update")
+  return jnp.asarray(ctx.global_params, jnp.float32).reshape(d)
+
+
 @register_update("gna")
-def gna() -> UpdateAttack:
+def gna(space: str = "update") -> UpdateAttack:
   """Gaussian noise attack (safesparse.txt E.1; ALGORITHMS.md section 5).
 
-  Each attacker draws ``N(m_i, s_i^2 I)`` where ``m_i`` and ``s_i`` are the
-  mean and standard deviation of the entries of its own honest update, so
-  every attacker sends a different vector (one key per row).
+  ``space="model"`` (the papers' model-upload framework): the attacker
+  uploads a Gaussian noise *model* ``N(m_i, s_i^2 I)`` with ``m_i, s_i`` the
+  mean and standard deviation of the entries of its local model
+  ``w_i = global - u_i``; the update the server sees is ``global - noise``.
+  ``space="update"``: the noise has the mean and std of the attacker's own
+  update and is sent as the update. Every attacker draws its own vector (one
+  key per row).
+
+  Args:
+    space: ``"update"`` (default, the simulator's earlier behaviour) or
+      ``"model"`` (the SafeSparse/FLARE experiments).
   """
+  check_space(space)
 
   def apply(state, updates, is_malicious, key, ctx):
-    del ctx
 
-    def noise(u, k):
-      m, s = jnp.mean(u), jnp.std(u)
-      return m + s * jax.random.normal(k, u.shape, u.dtype)
+    def noise(v, k):
+      m, s = jnp.mean(v), jnp.std(v)
+      return m + s * jax.random.normal(k, v.shape, v.dtype)
 
-    return _map_malicious_rows(noise, updates, is_malicious, key), state
+    if space == "update":
+      return _map_malicious_rows(noise, updates, is_malicious, key), state
+    g = _global(ctx, updates.shape[1])
+    out = _map_malicious_rows(lambda u, k: g - noise(g - u, k), updates,
+                              is_malicious, key)
+    return out, state
 
   return UpdateAttack(no_state, apply)
 
@@ -88,37 +120,80 @@ def ipm(eps: float = 0.4, knowledge: str = "omniscient") -> UpdateAttack:
 
 
 @register_update("scaling")
-def scaling(scale: float = 10.0) -> UpdateAttack:
-  """Scaling attack (safesparse.txt E.1): ``lambda * own update``, lambda = 10."""
+def scaling(scale: float = 10.0, space: str = "update") -> UpdateAttack:
+  """Scaling attack (safesparse.txt E.1, flare.txt V-A; ALGORITHMS.md s. 5).
+
+  ``space="model"`` (the papers' model-upload framework): the attacker
+  uploads ``lambda * w_i``, lambda times its local model ``w_i = global -
+  u_i``, so the update the server sees is
+  ``global - lambda w_i = (1 - lambda) * global + lambda * u_i``. Its top-k
+  mask and signs follow the global model and are shared by all attackers:
+  this is the scaling of SafeSparse's tables.
+
+  ``space="update"``: ``lambda * u_i``, a boosted honest update (Bagdasaryan
+  et al.'s boosting). Its mask and signs are those of an honest update, so
+  a filter that reads only masks and signs (SafeSparse) cannot see it: an
+  adaptive attack on SafeSparse, not the papers' scaling.
+
+  Args:
+    scale: lambda (10 in the papers).
+    space: ``"update"`` (default, the simulator's earlier behaviour) or
+      ``"model"``.
+  """
+  check_space(space)
 
   def apply(state, updates, is_malicious, key, ctx):
-    del key, ctx
-    return jnp.where(is_malicious[:, None], scale * updates, updates), state
+    del key
+    if space == "update":
+      crafted = scale * updates
+    else:
+      g = _global(ctx, updates.shape[1])
+      crafted = (1.0 - scale) * g[None, :] + scale * updates
+    return jnp.where(is_malicious[:, None], crafted, updates), state
 
   return UpdateAttack(no_state, apply)
 
 
 @register_update("sign_flip")
-def sign_flip() -> UpdateAttack:
-  """Sign flip ("bit flip" in the hybrid paper, Table VII): ``-own update``."""
+def sign_flip(space: str = "update") -> UpdateAttack:
+  """Sign flip ("bit flip" in the hybrid paper, Table VII).
+
+  ``space="update"``: ``-u_i``, the negated honest update.
+  ``space="model"``: the attacker uploads ``-w_i``, its negated local model,
+  so the server sees ``global + w_i = 2 * global - u_i``.
+
+  Args:
+    space: ``"update"`` (default) or ``"model"``.
+  """
+  check_space(space)
 
   def apply(state, updates, is_malicious, key, ctx):
-    del key, ctx
-    return jnp.where(is_malicious[:, None], -updates, updates), state
+    del key
+    if space == "update":
+      crafted = -updates
+    else:
+      crafted = 2.0 * _global(ctx, updates.shape[1])[None, :] - updates
+    return jnp.where(is_malicious[:, None], crafted, updates), state
 
   return UpdateAttack(no_state, apply)
 
 
 @register_update("model_replacement")
 def model_replacement(server_lr: float = 1.0, num_clients: Optional[int] = None,
-                      at_round: Optional[int] = None) -> UpdateAttack:
+                      at_round: Optional[int] = None,
+                      space: str = "update") -> UpdateAttack:
   """Model replacement (Bagdasaryan et al. 2020; sparsefed.txt 3.2, B.6.4).
 
-  The attacker scales its (backdoored) update by ``gamma = K / server_lr`` so
-  that averaging over K clients with server learning rate ``server_lr``
+  The attacker scales its (backdoored) update by ``gamma = K / server_lr``
+  so that averaging over K clients with server learning rate ``server_lr``
   replaces the global model by its local one. Combine it with a data attack
   (e.g. ``pixel_backdoor``) on the same clients so the honest update it
   scales is the backdoored one.
+
+  Both spaces give the same upload: Bagdasaryan et al. define the uploaded
+  model as ``global + gamma (w_i - global)``, whose update is exactly
+  ``gamma * u_i``; ``space`` is accepted for uniformity with the other
+  attacks and recorded.
 
   Args:
     server_lr: the server learning rate eta.
@@ -127,7 +202,9 @@ def model_replacement(server_lr: float = 1.0, num_clients: Optional[int] = None,
       (the paper's single round near the end of training; the round step
       passes its 0-based round counter); otherwise at every round it is
       applied.
+    space: ``"update"`` or ``"model"`` (identical, see above).
   """
+  check_space(space)
   if server_lr <= 0:
     raise ValueError(f"server_lr must be > 0, got {server_lr}")
 
@@ -144,7 +221,8 @@ def model_replacement(server_lr: float = 1.0, num_clients: Optional[int] = None,
 
 
 @register_update("alie")
-def alie(z: Optional[float] = None, knowledge: str = "omniscient") -> UpdateAttack:
+def alie(z: Optional[float] = None, knowledge: str = "omniscient",
+         z_rule: str = "hybrid") -> UpdateAttack:
   """A Little Is Enough (Baruch et al. 2019; hybrid paper 2.3, eqs. 12-13).
 
   Every attacker sends ``mu - z_max * sigma`` with the benign mean and
@@ -155,15 +233,21 @@ def alie(z: Optional[float] = None, knowledge: str = "omniscient") -> UpdateAtta
   Args:
     z: a fixed scale instead of ``z_max`` (the hybrid paper's Tables III-VI).
     knowledge: ``"omniscient"`` or ``"partial"``.
+    z_rule: ``"hybrid"`` (default; the hybrid paper's eq. 12, used in its
+      settings) or ``"baruch"`` (Baruch et al.'s ``Phi^-1((K - s)/K)``), see
+      :func:`fedjax_sparse.attacks.z_max`.
   """
   check_knowledge(knowledge)
+  if z_rule not in _stats.Z_RULES:
+    raise ValueError(f"unknown z_rule {z_rule!r}; choose one of "
+                     f"{', '.join(_stats.Z_RULES)}")
 
   def apply(state, updates, is_malicious, key, ctx):
     del key, ctx
     sel = _stats.knowledge_rows(is_malicious, knowledge)
     mu, sigma = _stats.mean_std(updates, sel)
-    zz = (_stats.z_max(updates.shape[0], jnp.sum(is_malicious)) if z is None
-          else jnp.float32(z))
+    zz = (_stats.z_max(updates.shape[0], jnp.sum(is_malicious), z_rule)
+          if z is None else jnp.float32(z))
     return replace_malicious(updates, is_malicious, mu - zz * sigma), state
 
   return UpdateAttack(no_state, apply)
