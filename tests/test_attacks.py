@@ -46,6 +46,7 @@ _MASK[::20] = True
 # name -> factory kwargs, for every registered update attack.
 UPDATE_CASES = {
     "gna": {}, "ipm": {}, "scaling": {}, "sign_flip": {}, "model_replacement": {},
+    "boosted_update": {},
     "alie": {}, "rop": {}, "mimic": {}, "min_max": {}, "min_sum": {},
     "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
     "c_lasa": {}, "index_poisoning": {"pack_size": 3},
@@ -408,6 +409,9 @@ def test_scaling_model_space_is_scaled_local_model():
   out = np.asarray(A.scaling(space="update").apply((), x, mal, jax.random.key(0),
                                                    _ctx_global(g))[0])
   np.testing.assert_allclose(out[0], 10.0 * xn[0], rtol=1e-6)
+  boosted = np.asarray(A.boosted_update().apply((), x, mal, jax.random.key(0),
+                                                _ctx_global(g))[0])
+  np.testing.assert_array_equal(boosted, out)
 
 
 def test_scaling_model_space_masks_follow_the_global_model():

@@ -117,6 +117,22 @@ def test_sign_flip_round_equals_manual_aggregate():
                              flat0 - _flat(st_c.params), rtol=1e-4, atol=1e-6)
 
 
+def test_model_space_scaling_round_uploads_scaled_local_models():
+  # All clients attack with model-space scaling: each uploads lambda x its
+  # local model w_i = flat0 - u_i, so (server lr 1, unweighted mean) the new
+  # global model is flat0 - mean_i (flat0 - lambda w_i) = lambda * mean_i w_i
+  # = lambda * (flat0 - honest mean update) = lambda * new_clean.
+  cfg = dataclasses.replace(BASE, attack_start=1)
+  data, variables, step_c, st_c = _make(cfg, agg_name="nwfedavg")
+  data_a, _, step_a, st_a = _make(
+      cfg, agg_name="nwfedavg", malicious=np.ones(6, bool),
+      update_attack=attacks.get_update_attack("scaling")(scale=3.0, space="model"))
+  st_c, _ = step_c(st_c, data)
+  st_a, _ = step_a(st_a, data_a)
+  np.testing.assert_allclose(_flat(st_a.params), 3.0 * _flat(st_c.params),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_data_attack_poisons_only_malicious_clients():
   mal = np.array([True, False, False, False, False, False])
   cfg = dataclasses.replace(BASE, attack_start=1)

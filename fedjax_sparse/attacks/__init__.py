@@ -21,8 +21,9 @@ from fedjax_sparse.attacks.registry import (data_attack_names, get_data_attack,
                                             is_update_attack, names, register_data,
                                             register_update, update_attack_names)
 from fedjax_sparse.attacks._stats import bisect_max, z_max
-from fedjax_sparse.attacks.update import (MimicState, alie, gna, ipm, mimic,
-                                          model_replacement, rop, scaling, sign_flip)
+from fedjax_sparse.attacks.update import (MimicState, alie, boosted_update, gna, ipm,
+                                          mimic, model_replacement, rop, scaling,
+                                          sign_flip)
 from fedjax_sparse.attacks.optimized import (DEVIATIONS, OptimizedSolution, min_max,
                                              min_max_solve, min_sum, min_sum_solve)
 from fedjax_sparse.attacks.hsa import (CLASA_SELECTIONS, HSA_DIRECTIONS, STABILIZERS,
@@ -49,7 +50,7 @@ __all__ = [
     "data_attack_names", "get_data_attack", "get_update_attack", "is_data_attack",
     "is_update_attack", "names", "register_data", "register_update",
     "update_attack_names", "bisect_max", "z_max",
-    "MimicState", "alie", "gna", "ipm", "mimic", "model_replacement", "rop",
+    "MimicState", "alie", "boosted_update", "gna", "ipm", "mimic", "model_replacement", "rop",
     "scaling", "sign_flip",
     "DEVIATIONS", "OptimizedSolution", "min_max", "min_max_solve", "min_sum",
     "min_sum_solve",

@@ -154,6 +154,24 @@ def scaling(scale: float = 10.0, space: str = "update") -> UpdateAttack:
   return UpdateAttack(no_state, apply)
 
 
+@register_update("boosted_update")
+def boosted_update(scale: float = 10.0) -> UpdateAttack:
+  """A boosted honest update: ``lambda * u_i`` (Bagdasaryan et al. 2020).
+
+  The same upload as ``scaling`` with ``space="update"``, under a name of its
+  own so that a sweep can run it beside the papers' model-space scaling. An
+  adaptive attack on SafeSparse/FLARE (ALGORITHMS.md section 5): the top-k
+  mask and the signs of ``lambda * u_i`` are those of the attacker's honest
+  update, so a filter that reads only masks and signs cannot tell it from a
+  benign client, while Alg. 2's per-pack mean lets the boosted values in.
+  Knowledge: none beyond the attacker's own data.
+
+  Args:
+    scale: lambda (10).
+  """
+  return scaling(scale=scale, space="update")
+
+
 @register_update("sign_flip")
 def sign_flip(space: str = "update") -> UpdateAttack:
   """Sign flip ("bit flip" in the hybrid paper, Table VII).
