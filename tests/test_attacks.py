@@ -46,7 +46,7 @@ _MASK[::20] = True
 # name -> factory kwargs, for every registered update attack.
 UPDATE_CASES = {
     "gna": {}, "ipm": {}, "scaling": {}, "sign_flip": {}, "model_replacement": {},
-    "boosted_update": {},
+    "boosted_update": {}, "copy_boost": {},
     "alie": {}, "rop": {}, "mimic": {}, "min_max": {}, "min_sum": {},
     "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
     "c_lasa": {}, "index_poisoning": {"pack_size": 3},
@@ -496,3 +496,21 @@ def test_alie_baruch_z():
                              * xn.std(0, ddof=1), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="z_rule"):
     A.alie(z_rule="nope")
+
+
+def test_copy_boost_copies_distinct_benign_clients():
+  x, mal = _updates(), _mal([0, 3, 7, 8])
+  out = np.asarray(A.copy_boost(scale=5.0).apply((), x, mal, jax.random.key(0), _ctx())[0])
+  xn = np.asarray(x)
+  benign = [i for i in range(K) if i not in (0, 3, 7, 8)]
+  # Attacker r copies the r-th benign client, scaled.
+  for r, i in enumerate([0, 3, 7, 8]):
+    np.testing.assert_allclose(out[i], 5.0 * xn[benign[r]], rtol=1e-6)
+  np.testing.assert_array_equal(out[benign], xn[benign])
+  # Same top-k masks and signs as the copied clients.
+  _, m = pack_topk_batch(jnp.asarray(out), 0.5, 1)
+  _, m0 = pack_topk_batch(x, 0.5, 1)
+  np.testing.assert_array_equal(np.asarray(m)[0], np.asarray(m0)[benign[0]])
+  # More attackers than benign clients: the copies wrap around.
+  t = np.asarray(A.copy_targets(_mal(range(9))))
+  np.testing.assert_array_equal(t[:9], [9, 10, 11] * 3)

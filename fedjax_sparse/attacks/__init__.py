@@ -1,8 +1,8 @@
 """Data and update attacks behind one contract (see :mod:`.base`) and registries.
 
 Update attacks (``get_update_attack(name)(**hyperparameters)``): ``gna``,
-``ipm``, ``scaling``, ``sign_flip``, ``model_replacement``, ``alie``, ``rop``,
-``mimic``, ``min_max``, ``min_sum``, ``hsa``, ``dhsa``, ``c_lasa``,
+``ipm``, ``scaling``, ``boosted_update``, ``copy_boost``, ``sign_flip``,
+``model_replacement``, ``alie``, ``rop``, ``mimic``, ``min_max``, ``min_sum``, ``hsa``, ``dhsa``, ``c_lasa``,
 ``index_poisoning``, ``targeted_pgd``.
 
 From flags (name and parsed arguments, mask built on the initial model):
@@ -24,6 +24,7 @@ from fedjax_sparse.attacks._stats import bisect_max, z_max
 from fedjax_sparse.attacks.update import (MimicState, alie, boosted_update, gna, ipm,
                                           mimic, model_replacement, rop, scaling,
                                           sign_flip)
+from fedjax_sparse.attacks.adaptive import copy_boost, copy_targets
 from fedjax_sparse.attacks.optimized import (DEVIATIONS, OptimizedSolution, min_max,
                                              min_max_solve, min_sum, min_sum_solve)
 from fedjax_sparse.attacks.hsa import (CLASA_SELECTIONS, HSA_DIRECTIONS, STABILIZERS,
@@ -51,7 +52,7 @@ __all__ = [
     "is_update_attack", "names", "register_data", "register_update",
     "update_attack_names", "bisect_max", "z_max",
     "MimicState", "alie", "boosted_update", "gna", "ipm", "mimic", "model_replacement", "rop",
-    "scaling", "sign_flip",
+    "scaling", "sign_flip", "copy_boost", "copy_targets",
     "DEVIATIONS", "OptimizedSolution", "min_max", "min_max_solve", "min_sum",
     "min_sum_solve",
     "CLASA_SELECTIONS", "HSA_DIRECTIONS", "STABILIZERS", "DHSASolution",
