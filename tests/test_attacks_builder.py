@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_sparse import attacks as A
+from fedjax_sparse.attacks import builder
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.models import get_model
 from fedjax_sparse.saliency import num_target, prunable_mask
@@ -129,3 +130,46 @@ def test_targeted_pgd_from_attacker_data():
   np.testing.assert_array_equal(out[0], out[2])
   ax, ay = A.targeted_auxiliary_set(_X, _Y, 4, size=8, seed=0)
   assert ax.shape == (8, 6, 6, 1) and ay.shape == (8,)
+
+
+@pytest.mark.parametrize("fresh", [None, "true"])
+def test_hsa_force_plus_keeps_every_bias(tmp_path, fresh):
+  # The hybrid paper's Pi_F^+ setting through the flag arguments.
+  kwargs = {"z2": 2.0, "mask_method": "force_plus", "delta": 0.005,
+            "caps": "last_dense:0.25", "force_steps": 10, "batch_size": 8}
+  if fresh is not None:
+    kwargs["fresh_batches"] = fresh       # a flag string, parsed by the builder
+  attack = _build("hsa", kwargs, output_dir=str(tmp_path))
+  rec = json.loads((tmp_path / "mask_densities.json").read_text())
+  assert rec["meta"]["fresh_batches"] is (fresh is not None)
+  mask = rec["masks"]["force_plus"]
+  biases = [n for n, k in zip(_LAYOUT.names, _LAYOUT.kinds) if k == "bias"]
+  assert biases == ["Dense_0/bias", "Dense_1/bias"]
+  for b in biases:
+    assert mask["densities"][b] == 1.0, b
+  assert mask["densities"]["Dense_1/kernel"] <= 0.25
+  d_prunable = int(prunable_mask(_LAYOUT).sum())
+  n_bias = sum(_LAYOUT.sizes[_LAYOUT.names.index(b)] for b in biases)
+  assert mask["num_kept"] == num_target(d_prunable, 0.005) + n_bias
+  # The attack perturbs exactly the masked coordinates (z2 = 2 there).
+  out = _run(attack)
+  x = np.asarray(np.random.default_rng(2).normal(size=(K, D)), np.float64)
+  g = x[~np.asarray(_IS_MAL)]
+  z = (g.mean(0) - out[0]) / g.std(0, ddof=1)
+  hit = np.abs(z - 2.0) < 1e-3
+  assert hit.sum() == mask["num_kept"]
+  assert hit[~prunable_mask(_LAYOUT)].all()          # every bias is attacked
+
+
+def test_fresh_batches_option():
+  masks = {}
+  for fresh in (None, False, True):
+    extra = {} if fresh is None else {"fresh_batches": fresh}
+    masks[fresh] = builder.build_mask(
+        "force", 0.05, layout=_LAYOUT, params=_PARAMS,
+        loss_fn=builder.cross_entropy(_MODEL.apply), attacker_x=_X, attacker_y=_Y,
+        seed=3, force_steps=10, batch_size=8, **extra).mask
+  np.testing.assert_array_equal(masks[None], masks[False])  # default: the old one
+  assert np.any(masks[True] != masks[False])
+  with pytest.raises(ValueError, match="fresh_batches must be true or false"):
+    _build("hsa", {"mask_method": "force", "fresh_batches": "maybe"})

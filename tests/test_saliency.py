@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_sparse import saliency as S
+from fedjax_sparse.saliency import pruning as P
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.models import get_model
 
@@ -143,3 +144,113 @@ def test_reports_and_errors(tmp_path):
     S.compute_mask("nope", 0.1, layout=layout)
   with pytest.raises(ValueError, match="matches no prunable kernel"):
     S.resolve_layer_caps(layout, {"Conv_9": 0.1})
+
+
+def _mlp_data(n=48, seed=0):
+  """A tiny MLP and ``n`` random examples (random labels: batches differ)."""
+  model = get_model("mlp", 4, width=(16,))
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32)
+  y = rng.integers(0, 4, size=n).astype(np.int32)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
+  return model, params, x, y
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_force_plus_keeps_every_bias_and_respects_the_cap(fresh):
+  model, params, x, y = _mlp_data()
+  layout = layout_of(params)
+  loss = S.cross_entropy_loss(model)
+  xb, yb = x.reshape(6, 8, 6, 6, 1), y.reshape(6, 8)
+  delta, caps = 0.2, {"last_dense": 0.25}     # caps=last_dense:0.25
+  kw = dict(params=params, loss_fn=loss, x=xb, y=yb, steps=10, fresh_batches=fresh)
+  free = S.compute_mask("force_plus", delta, **kw)
+  r = S.compute_mask("force_plus", delta, layer_caps=caps, **kw)
+  last = "Dense_1/kernel"
+  size = layout.sizes[layout.names.index(last)]
+  # Without the cap FORCE puts more than 25% of its mask on the last layer,
+  # so the cap binds.
+  assert free.densities[last] > 0.25
+  assert r.densities[last] <= 0.25 and r.counts[last] == math.floor(0.25 * size)
+  biases = [n for n, k in zip(layout.names, layout.kinds) if k == "bias"]
+  assert biases == ["Dense_0/bias", "Dense_1/bias"]
+  for m in (free, r):
+    assert m.method == "force_plus"
+    for b in biases:
+      assert m.densities[b] == 1.0, b
+    assert m.mask[S.critical_mask(layout)].all()
+    pm = S.prunable_mask(layout)
+    assert int(m.mask[pm].sum()) == math.floor(delta * pm.sum())
+  # Pi_F (no "+") keeps no bias.
+  plain = S.compute_mask("force", delta, layer_caps=caps, **kw)
+  assert not plain.mask[S.critical_mask(layout)].any()
+  np.testing.assert_array_equal(plain.mask[S.prunable_mask(layout)],
+                                r.mask[S.prunable_mask(layout)])
+
+
+def test_force_batch_indices():
+  idx = P.force_batch_indices(100, steps=7, num_batches=3, batch_size=8, seed=5)
+  assert idx.shape == (7, 3, 8) and idx.dtype == np.int32
+  assert idx.min() >= 0 and idx.max() < 100
+  np.testing.assert_array_equal(idx, P.force_batch_indices(100, 7, 3, 8, seed=5))
+  assert not np.array_equal(idx, P.force_batch_indices(100, 7, 3, 8, seed=6))
+  # Without replacement within a step when the pool is large enough ...
+  assert all(len(set(idx[t].ravel())) == 24 for t in range(7))
+  # ... T * num_batches distinct batches over the T steps.
+  assert len({tuple(b) for b in idx.reshape(21, 8)}) == 21
+  # A pool smaller than a step's draw: with replacement.
+  small = P.force_batch_indices(5, 4, 2, 4, seed=0)
+  assert small.shape == (4, 2, 4) and set(np.unique(small)) <= set(range(5))
+  with pytest.raises(ValueError):
+    P.force_batch_indices(0, 4, 2, 4)
+
+
+def _recording_loss(loss, record):
+  """``loss`` that records the first pixel of each example of every batch."""
+
+  def loss_fn(params, x, y):
+    jax.debug.callback(lambda v: record.append(tuple(np.asarray(v).tolist())),
+                       x[:, 0, 0, 0])
+    return loss(params, x, y)
+
+  return loss_fn
+
+
+def test_force_fresh_batches_consumes_t_times_num_batches_batches():
+  model, params, x, y = _mlp_data(n=40)
+  loss = S.cross_entropy_loss(model)
+  steps, nb, bs = 6, 3, 5
+  seen = []
+  S.force_mask(_recording_loss(loss, seen), params, x, y, 0.1, steps=steps,
+               num_batches=nb, batch_size=bs, seed=11)
+  idx = P.force_batch_indices(40, steps, nb, bs, seed=11)
+  expect = [tuple(x[idx[t, j], 0, 0, 0].tolist()) for t in range(steps) for j in range(nb)]
+  assert len(seen) == steps * nb
+  assert len(set(seen)) == steps * nb            # every step draws new batches
+  assert sorted(seen) == sorted(expect)          # the sampler's rows, nothing else
+  # The old behaviour: the same num_batches batches at every step.
+  seen_fixed = []
+  S.force_mask(_recording_loss(loss, seen_fixed), params, x[:15].reshape(3, 5, 6, 6, 1),
+               y[:15].reshape(3, 5), 0.1, steps=steps, num_batches=nb,
+               fresh_batches=False)
+  assert len(seen_fixed) == steps * nb and len(set(seen_fixed)) == nb
+
+
+def test_force_fresh_batches_mask_differs_and_is_deterministic():
+  model, params, x, y = _mlp_data(n=64)
+  loss = S.cross_entropy_loss(model)
+  xb, yb = x.reshape(8, 8, 6, 6, 1), y.reshape(8, 8)
+  kw = dict(steps=10, num_batches=2)
+  # The old behaviour with the builder's shape: num_batches batches reused.
+  fixed = S.force_mask(loss, params, xb[:2], yb[:2], 0.1, fresh_batches=False, **kw)
+  fresh = S.force_mask(loss, params, xb, yb, 0.1, seed=0, **kw)
+  again = S.force_mask(loss, params, xb, yb, 0.1, seed=0, **kw)
+  other = S.force_mask(loss, params, xb, yb, 0.1, seed=1, **kw)
+  assert fresh.num_kept == fixed.num_kept == math.floor(0.1 * 640)
+  assert np.any(fresh.mask != fixed.mask)
+  np.testing.assert_array_equal(fresh.mask, again.mask)
+  assert np.any(fresh.mask != other.mask)
+  # The default is fresh batches, and compute_mask passes the seed through.
+  via_registry = S.compute_mask("force", 0.1, params=params, loss_fn=loss, x=xb, y=yb,
+                                seed=0, **kw)
+  np.testing.assert_array_equal(via_registry.mask, fresh.mask)

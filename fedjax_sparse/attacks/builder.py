@@ -55,7 +55,11 @@ PyTree = Any
 # Options of mask-taking attacks, popped before the factory is called, with
 # their defaults: FORCE (Pi_F), delta = 5e-3, T = 100 steps and gradients
 # averaged over 3 batches (ALGORITHMS.md section 6; hybrid paper App. B.3).
-# The batch size of the saliency batches (64) is ours.
+# The batch size of the saliency batches (64) is ours. ``fresh_batches``
+# (FORCE only): True draws 3 fresh batches at every one of the T steps
+# (hybrid paper Alg. 4 line 7); the default False keeps the earlier
+# behaviour, 3 batches drawn once and reused at every step, so that the
+# committed results reproduce (ours).
 MASK_OPTIONS: dict[str, Any] = {
     "mask_method": "force",
     "delta": 5e-3,
@@ -63,6 +67,7 @@ MASK_OPTIONS: dict[str, Any] = {
     "force_steps": 100,
     "num_batches": 3,
     "batch_size": 64,
+    "fresh_batches": False,
 }
 
 # Options of ``targeted_pgd`` made here, with their defaults: s = 50 is the
@@ -210,30 +215,56 @@ def attacker_batches(x: np.ndarray, y: np.ndarray, num_batches: int,
           y[idx].reshape((num_batches, batch_size)))
 
 
+def _as_bool(value: Any, what: str) -> bool:
+  """A flag value as a bool: True/False, 1/0 or their spellings as strings."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)) and value in (0, 1):
+    return bool(value)
+  if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false",
+                                                           "0", "no"):
+    return value.strip().lower() in ("true", "1", "yes")
+  raise ValueError(f"{what} must be true or false, got {value!r}")
+
+
 def build_mask(method: str, delta: float, *, layout: Layout, params: PyTree,
                loss_fn: Callable, attacker_x, attacker_y, seed: int,
                caps: Any = None, force_steps: int = 100, num_batches: int = 3,
-               batch_size: int = 64) -> saliency.MaskResult:
+               batch_size: int = 64, fresh_batches: Any = False) -> saliency.MaskResult:
   """HSA's sparse mask ``c`` on the initial model (hybrid paper 3.2, App. B).
 
-  Data-free methods (``random*``, ``erk*``) use ``layout`` and ``seed``;
-  saliency methods (``snip*``, ``force*``) take ``num_batches`` batches of
-  ``batch_size`` of the attackers' pooled data (:func:`attacker_batches`);
-  FORCE averages its gradient over all of them at every step (App. B.3) and
-  SNIP over all of them once.
+  Data-free methods (``random*``, ``erk*``) use ``layout`` and ``seed``.
+  Saliency methods (``snip*``, ``force*``) use the attackers' pooled data:
+
+  * ``fresh_batches=False`` (default, the earlier behaviour): ``num_batches``
+    batches of ``batch_size`` are drawn once (:func:`attacker_batches`);
+    FORCE averages its gradient over all of them at every one of its
+    ``force_steps`` steps, SNIP over all of them once.
+  * ``fresh_batches=True`` (``force*`` only; Alg. 4 line 7): the whole pool
+    goes to :func:`fedjax_sparse.saliency.force_mask`, which draws
+    ``num_batches`` fresh batches of ``batch_size`` at every step (seeded by
+    ``seed``). SNIP ignores it.
 
   Returns:
     :class:`~fedjax_sparse.saliency.MaskResult`.
   """
   layer_caps = parse_caps(caps)
+  fresh = _as_bool(fresh_batches, "fresh_batches")
   if not saliency.needs_data(method):
     return saliency.compute_mask(method, float(delta), layout=layout, seed=seed,
                                  layer_caps=layer_caps)
   x, y = _check_attacker_data(attacker_x, attacker_y, f"mask method {method!r}")
+  if fresh and method.startswith("force"):
+    return saliency.compute_mask(method, float(delta), params=params, layout=layout,
+                                 loss_fn=loss_fn, x=x, y=y, seed=seed,
+                                 layer_caps=layer_caps, steps=int(force_steps),
+                                 num_batches=int(num_batches), fresh_batches=True,
+                                 batch_size=int(batch_size))
   xb, yb = attacker_batches(x, y, int(num_batches), int(batch_size), seed)
   return saliency.compute_mask(method, float(delta), params=params, layout=layout,
                                loss_fn=loss_fn, x=xb, y=yb, layer_caps=layer_caps,
-                               steps=int(force_steps), num_batches=int(num_batches))
+                               steps=int(force_steps), num_batches=int(num_batches),
+                               fresh_batches=False)
 
 
 def write_mask_report(output_dir: str, result: saliency.MaskResult,
@@ -282,9 +313,12 @@ def build_update_attack(name: str, kwargs: Optional[Mapping[str, Any]] = None, *
       :func:`fedjax_sparse.saliency.names` method, default ``"force"``),
       ``delta`` (kept fraction, 5e-3), ``caps`` (per-layer caps, a string
       for :func:`parse_caps` or a dict; None), ``force_steps`` (FORCE's T,
-      100), ``num_batches`` (3) and ``batch_size`` (64) of the saliency
-      batches. For ``targeted_pgd``: ``aux_size`` (s, 50) and ``aux_seed``
-      (0) of :func:`targeted_auxiliary_set`, plus the factory's
+      100), ``num_batches`` (3, averaged per step) and ``batch_size`` (64)
+      of the saliency batches, ``fresh_batches`` (False: the batches are
+      drawn once and reused at every FORCE step; True: fresh ones at every
+      step, hybrid paper Alg. 4; see :func:`build_mask`). For
+      ``targeted_pgd``: ``aux_size`` (s, 50) and ``aux_seed`` (0) of
+      :func:`targeted_auxiliary_set`, plus the factory's
       ``clip_norm`` (set it to the server's clipping norm), ``lr``,
       ``steps``, ``batch_size``, ``onto``.
     layout: the layout of the flat updates (of ``params``).
@@ -315,13 +349,15 @@ def build_update_attack(name: str, kwargs: Optional[Mapping[str, Any]] = None, *
 
   if takes_mask(name):
     opts = {k: kwargs.pop(k, v) for k, v in MASK_OPTIONS.items()}
+    opts["fresh_batches"] = _as_bool(opts["fresh_batches"], "fresh_batches")
     seed = _seed(key)
     result = build_mask(opts["mask_method"], opts["delta"], layout=layout,
                         params=params, loss_fn=cross_entropy(apply_fn, model_state),
                         attacker_x=attacker_x, attacker_y=attacker_y, seed=seed,
                         caps=opts["caps"], force_steps=opts["force_steps"],
                         num_batches=opts["num_batches"],
-                        batch_size=opts["batch_size"])
+                        batch_size=opts["batch_size"],
+                        fresh_batches=opts["fresh_batches"])
     if output_dir is not None:
       meta = {"attack": name, "d": int(layout.d), "seed": seed, **opts,
               "caps": parse_caps(opts["caps"])}

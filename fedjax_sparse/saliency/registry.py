@@ -49,7 +49,8 @@ def compute_mask(method: str, delta: float, *, params: Any = None,
                  layout: Optional[Layout] = None,
                  loss_fn: Optional[Callable] = None, x=None, y=None,
                  seed: int = 0, layer_caps: Optional[Mapping[str, float]] = None,
-                 steps: int = 100, num_batches: int = 3) -> _masks.MaskResult:
+                 steps: int = 100, num_batches: int = 3, fresh_batches: bool = True,
+                 batch_size: Optional[int] = None) -> _masks.MaskResult:
   """Builds HSA's sparse mask ``c`` with a registered method.
 
   Args:
@@ -60,9 +61,15 @@ def compute_mask(method: str, delta: float, *, params: Any = None,
     layout: the model's layout (enough for ``random*``/``erk*``).
     loss_fn, x, y: ``loss_fn(params, x, y)`` and the attackers' batches
       (``snip*``/``force*``).
-    seed: numpy seed of the random positions (``random*``/``erk*``).
+    seed: numpy seed of the random positions (``random*``/``erk*``) and of
+      FORCE's fresh batches (``force*``).
     layer_caps: per-layer maximum densities (``snip*``/``force*``).
-    steps, num_batches: FORCE's T and batches per gradient.
+    steps, num_batches: FORCE's T and batches averaged per step.
+    fresh_batches, batch_size: ``force*`` only (see
+      :func:`~fedjax_sparse.saliency.force_mask`): True (default) draws
+      ``num_batches`` fresh batches of ``batch_size`` (None: the size of the
+      given batches) from the examples of ``x``, ``y`` at every step, as
+      Alg. 4 line 7; False cycles through the given batches.
 
   Returns:
     :class:`~fedjax_sparse.saliency.MaskResult`.
@@ -81,4 +88,5 @@ def compute_mask(method: str, delta: float, *, params: Any = None,
   if method.startswith("snip"):
     return _DATA[method](loss_fn, params, x, y, delta, layer_caps=layer_caps)
   return _DATA[method](loss_fn, params, x, y, delta, steps=steps,
-                       num_batches=num_batches, layer_caps=layer_caps)
+                       num_batches=num_batches, layer_caps=layer_caps,
+                       fresh_batches=fresh_batches, batch_size=batch_size, seed=seed)
