@@ -62,6 +62,12 @@ _HELP = {
     "scaffold": "SCAFFOLD control-variate correction of local training.",
     "server_lr": "Server learning rate.",
     "server_optimizer": "Server optimizer: sgd, momentum or adam.",
+    "lr_decay_at": "Step decay of the server and client learning rates: "
+                   "from round floor(lr_decay_at * rounds) (0-based) on, "
+                   "both are multiplied by --lr_decay_factor (hybrid "
+                   "paper: 0.75). 0: no decay.",
+    "lr_decay_factor": "Multiplier of the learning rates after "
+                       "--lr_decay_at (0.1: divide by 10).",
     "aggregator": "Aggregation rule (registry name).",
     "weighted": "Weight clients by dataset size (else uniformly).",
     "aggregator_args": "Aggregator hyperparameters as name=value pairs, e.g. "

@@ -67,6 +67,10 @@ def test_resume_refuses_another_configuration(tmp_path):
     (dict(dataset="fashion_mnist", data_dir="/nonexistent"), "dataset-fashion-mnist"),
     (dict(conv_impl="fft"), "conv_impl"),
     (dict(data_seed=-2), "data_seed"),
+    (dict(lr_decay_at=1.5), "lr_decay_at must be in"),
+    (dict(lr_decay_at=-0.25), "lr_decay_at must be in"),
+    (dict(lr_decay_at=0.75, lr_decay_factor=0.0), "lr_decay_factor must be > 0"),
+    (dict(lr_decay_factor=-1.0), "lr_decay_factor must be > 0"),
 ])
 def test_bad_config_fails_with_a_message(kw, msg):
   with pytest.raises((ValueError, FileNotFoundError), match=msg):
@@ -180,3 +184,52 @@ def test_data_seed_fixes_the_partition_and_nothing_else():
   a = run_experiment(dataclasses.replace(cfg, rounds=1), progress=False)
   b = run_experiment(dataclasses.replace(fixed, rounds=1), progress=False)
   assert a["final_test_loss"] != b["final_test_loss"]
+
+
+def test_lr_decay_round_from_the_fraction_of_rounds():
+  assert SMALL.lr_decay_round is None
+  assert SMALL.round_config().lr_decay_round is None
+  cfg = dataclasses.replace(SMALL, rounds=100, lr_decay_at=0.75,
+                            lr_decay_factor=0.5)
+  assert cfg.lr_decay_round == 75
+  assert cfg.round_config().lr_decay_round == 75
+  assert cfg.round_config().lr_decay_factor == 0.5
+  # As written in decimal: 0.29 * 100 is 28.999999999999996 in floats.
+  assert dataclasses.replace(cfg, lr_decay_at=0.29).lr_decay_round == 29
+  assert dataclasses.replace(cfg, rounds=10, lr_decay_at=0.75).lr_decay_round == 7
+  assert dataclasses.replace(cfg, lr_decay_at=1.0).lr_decay_round == 100
+
+
+def test_lr_decay_in_both_loops_and_no_extension_on_resume(tmp_path):
+  """The schedule acts in run_experiment and in the seed-batched loop alike
+  (the same round losses), changes nothing before its round, and a run
+  with a schedule cannot be resumed with other rounds (they place it)."""
+  from fedjax_sparse.simulation.multi_seed import run_seeds
+  base = dataclasses.replace(SMALL, clients_per_round=6, rounds=4,
+                             client_devices=1)
+  decayed = dataclasses.replace(base, lr_decay_at=0.5, lr_decay_factor=0.1,
+                                output_dir=str(tmp_path / "a"))
+  run_experiment(decayed, progress=False)
+  plain = run_experiment(base, progress=False)
+  losses = [r["loss"] for r in io.read_jsonl(tmp_path / "a" / "rounds.jsonl")]
+  batched = run_seeds(dataclasses.replace(decayed, output_dir=""), [0],
+                      mode="map")[0]
+  np.testing.assert_allclose(batched["round_losses"], losses, rtol=1e-5)
+  plain_losses = run_seeds(base, [0], mode="map")[0]["round_losses"]
+  # Round index 2 = round 3 is the first with the smaller lr: its clients
+  # train more slowly (their mean loss differs) and so on.
+  np.testing.assert_allclose(losses[:2], plain_losses[:2], rtol=1e-5)
+  assert all(abs(a - b) > 1e-6 for a, b in zip(losses[2:], plain_losses[2:]))
+  with pytest.raises(ValueError, match="another configuration.*rounds"):
+    run_experiment(dataclasses.replace(decayed, rounds=6), progress=False)
+  assert plain["final_accuracy"] is not None
+
+
+def test_binary_help_describes_every_config_flag():
+  r = _run_binary("--helpfull")  # absl exits 1 after printing the help
+  names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+  for name in names:
+    assert f"--{name}:" in r.stdout or f"--[no]{name}:" in r.stdout, name
+    # No flag falls back to its bare name as help.
+    assert f"--{name}: {name}\n" not in r.stdout, name
+  assert "--lr_decay_at: Step decay" in r.stdout

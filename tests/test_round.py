@@ -213,6 +213,9 @@ def test_fedprox_with_zero_mu_equals_fedavg():
     (dict(client=ClientConfig(optimizer="lamb")), "unknown client optimizer"),
     (dict(client=ClientConfig(batch_size=0)), "batch_size"),
     (dict(client=ClientConfig(update_mode="grad")), "update_mode"),
+    (dict(lr_decay_round=-1), "lr_decay_round"),
+    (dict(lr_decay_round=2.5), "lr_decay_round"),
+    (dict(lr_decay_round=3, lr_decay_factor=0.0), "lr_decay_factor"),
 ])
 def test_bad_round_config(kw, msg):
   cfg = RoundConfig(num_clients=6, clients_per_round=4)
@@ -314,3 +317,113 @@ def test_scaffold_multiplier_is_the_displacement_of_a_constant_gradient(
     w = w + u
   s = scaffold_multiplier(jnp.float32(tau), cfg)
   np.testing.assert_allclose(-w / (s * cfg.lr), g, rtol=1e-5)
+
+
+# ------------------------------------------------------ learning-rate decay --
+
+
+def _constant_aggregator(c):
+  """An aggregator that ignores the clients and returns ``c`` every round."""
+  from fedjax_sparse.aggregators.base import AggOut, Aggregator
+  c = jnp.asarray(c, jnp.float32)
+  return Aggregator(
+      lambda d: (),
+      lambda st, u, m, w, k, ctx: (AggOut(c, jnp.ones(u.shape[:1]),
+                                          {"lr": ctx.extra["lr"]}), st))
+
+
+def _server_steps(server_optimizer, lr_decay_round, rounds=5):
+  data = _data()
+  model = TinyMLP()
+  variables = model.init(jax.random.key(0), data.x[:1])
+  layout = layout_of(variables["params"])
+  c = np.random.default_rng(5).normal(size=layout.d).astype(np.float32)
+  cfg = RoundConfig(num_clients=6, clients_per_round=4, server_lr=0.5,
+                    server_optimizer=server_optimizer,
+                    client=ClientConfig(lr=0.1, batch_size=8),
+                    lr_decay_round=lr_decay_round, lr_decay_factor=0.1)
+  agg = _constant_aggregator(c)
+  step = make_round_step(cfg, model.apply, agg, layout, data.idx.shape[1])
+  state = init_server_state(cfg, variables, agg, jax.random.key(1))
+  flat = lambda p: np.asarray(jax.flatten_util.ravel_pytree(p)[0])
+  deltas, lrs, prev = [], [], flat(state.params)
+  for _ in range(rounds):
+    state, m = step(state, data)
+    now = flat(state.params)
+    deltas.append(now - prev)
+    lrs.append(float(m["agg/lr"]))
+    prev = now
+  return np.stack(deltas), lrs
+
+
+@pytest.mark.parametrize("server_optimizer", ["sgd", "momentum", "adam"])
+def test_lr_decay_multiplies_the_server_step_from_its_round(server_optimizer):
+  # A fixed aggregate every round: with the decay from round index 2, rounds
+  # 0-1 move the model as without a schedule and rounds 2-4 by 0.1 times the step they would have taken (momentum and Adam: their
+  # moments are not scaled, only the step, as with an optax lr schedule).
+  off, lrs_off = _server_steps(server_optimizer, None)
+  on, lrs_on = _server_steps(server_optimizer, 2)
+  # (deltas of f32 parameters of order 1: rounding of about 1e-7)
+  np.testing.assert_allclose(on[:2], off[:2], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(on[2:], 0.1 * off[2:], rtol=1e-4, atol=1e-7)
+  assert lrs_off == [0.5] * 5  # the aggregator sees the round's lr
+  np.testing.assert_allclose(lrs_on, [0.5, 0.5, 0.05, 0.05, 0.05], rtol=1e-6)
+  if server_optimizer == "sgd":
+    c_step = off[0]
+    np.testing.assert_allclose(on[3], 0.1 * c_step, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_client_lr_scale_equals_a_smaller_client_lr(optimizer):
+  data = _data(ragged=False)
+  model = TinyMLP()
+  variables = model.init(jax.random.key(0), data.x[:1])
+  cfg = ClientConfig(optimizer=optimizer, lr=0.1, batch_size=8,
+                     local_epochs=2, weight_decay=1e-3)
+  args = (variables["params"], {}, (), data.x, data.y, data.idx[0],
+          data.counts[0], jax.random.key(3))
+  scaled = make_client_train(model.apply, cfg, data.idx.shape[1])(
+      *args, lr_scale=jnp.float32(0.25))
+  small = make_client_train(model.apply, dataclasses.replace(cfg, lr=0.025),
+                            data.idx.shape[1])(*args)
+  np.testing.assert_allclose(scaled.update, small.update, rtol=2e-4,
+                             atol=1e-7)
+  plain = make_client_train(model.apply, cfg, data.idx.shape[1])
+  np.testing.assert_array_equal(plain(*args, lr_scale=jnp.float32(1.0)).update,
+                                plain(*args).update)
+
+
+@pytest.mark.parametrize("update_mode", ["delta", "momentum"])
+def test_lr_decay_from_round_zero_equals_smaller_learning_rates(update_mode):
+  # Decay from the first round = a run with both learning rates x factor.
+  client = ClientConfig(lr=0.1, batch_size=8, update_mode=update_mode)
+  _, data, _, step_a, st_a = _setup(client=client, server_lr=0.5,
+                                    lr_decay_round=0, lr_decay_factor=0.5)
+  _, _, _, step_b, st_b = _setup(
+      client=dataclasses.replace(client, lr=0.05), server_lr=0.25)
+  st_a, la = _run(step_a, st_a, data, 2)
+  st_b, lb = _run(step_b, st_b, data, 2)
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(st_a.params), jax.tree.leaves(st_b.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lr_decay_changes_nothing_before_the_boundary():
+  # Full client training and FedAvg: before the boundary the multiplier is
+  # exactly 1 (XLA may fuse the multiplication differently, so the runs
+  # agree to float rounding rather than bit for bit); after it the round
+  # moves the model by both factors.
+  _, data, _, step_a, st_a = _setup(lr_decay_round=3)
+  _, _, _, step_b, st_b = _setup()
+  st_a, la = _run(step_a, st_a, data, 3)
+  st_b, lb = _run(step_b, st_b, data, 3)
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  flat = lambda s: np.asarray(jax.flatten_util.ravel_pytree(s.params)[0])
+  np.testing.assert_allclose(flat(st_a), flat(st_b), rtol=1e-5, atol=1e-7)
+  before = flat(st_b)
+  st_a, _ = _run(step_a, st_a, data, 1)
+  st_b, _ = _run(step_b, st_b, data, 1)
+  # Server and client lr both x0.1: the round moves the model about 0.01x.
+  ratio = (np.linalg.norm(flat(st_a) - before)
+           / np.linalg.norm(flat(st_b) - before))
+  assert 0.005 < ratio < 0.02, ratio

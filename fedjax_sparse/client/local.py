@@ -227,7 +227,13 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
     in momentum mode, its control variate ``c_i`` with ``scaffold``, else
     ``()``; ``server_control`` is SCAFFOLD's ``c``. ``poison`` (bool scalar) switches the data attack on for
     this client; ``attack_ctx`` is the attack's context (round, the client's
-    rank among the attackers).
+    rank among the attackers). ``lr_scale`` (a traced f32 scalar, or None
+    for 1) multiplies the local learning rate for this round (a step
+    schedule such as the hybrid paper's x0.1 decay): every local step's
+    update is multiplied by it, which is the same as running the optimizer
+    with ``lr * lr_scale`` (the optax optimizers' last transformation is the
+    scaling by ``-lr``); SCAFFOLD's ``c_i`` divides by the scaled lr. None
+    runs exactly the unscaled computation.
   """
   cfg.validate()
   opt = make_optimizer(cfg)
@@ -255,8 +261,10 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train(params, model_state, client_state, x_all, y_all, idx_row, count,
-            key, poison=False, attack_ctx=None, server_control=None):
+            key, poison=False, attack_ctx=None, server_control=None,
+            lr_scale=None):
     global_params = params
+    lr = cfg.lr if lr_scale is None else cfg.lr * lr_scale
     if cfg.scaffold:
       correction = jax.tree.map(lambda c, ci: c - ci, server_control,
                                 client_state)
@@ -290,10 +298,12 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
         if cfg.weight_decay > 0:
           g = jax.tree.map(lambda gi, pi: gi + cfg.weight_decay * pi, g, p)
         new_mom = jax.tree.map(lambda m, gi: (1 - beta) * gi + beta * m, mom, g)
-        new_p = jax.tree.map(lambda pi, m: pi - cfg.lr * m, p, new_mom)
+        new_p = jax.tree.map(lambda pi, m: pi - lr * m, p, new_mom)
         new_opt_state = opt_state
       else:
         upd, new_opt_state = opt.update(g, opt_state, p)
+        if lr_scale is not None:
+          upd = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), upd)
         new_p = optax.apply_updates(p, upd)
         new_mom = mom
       keep = lambda new, old: jax.tree.map(
@@ -315,7 +325,7 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
       update = ravel_pytree(global_params)[0] - ravel_pytree(p)[0]
       new_client_state = client_state
       if cfg.scaffold:
-        scale = 1.0 / (scaffold_multiplier(n_steps, cfg) * cfg.lr)
+        scale = 1.0 / (scaffold_multiplier(n_steps, cfg) * lr)
         new_client_state = jax.tree.map(
             lambda ci, c, g0, w: jnp.where(n_steps > 0,
                                            ci - c + (g0 - w) * scale, ci),

@@ -110,6 +110,14 @@ class ExperimentConfig:
   ``seed`` draws everything random; ``data_seed`` (when >= 0) draws the data
   instead (training subsample, validation split and partition), so that
   several seeds can train on one partition: seed-batched sweeps share one.
+
+  ``lr_decay_at``: a step decay of both learning rates. From round index
+  ``floor(lr_decay_at * rounds)`` on (0-based) the server learning rate and
+  the clients' local learning rate are multiplied by ``lr_decay_factor``
+  (hybrid_sparse_attack.txt: lr divided by 10 at 75% of training,
+  ``lr_decay_at=0.75``, ``lr_decay_factor=0.1``); 0 (the default) turns the
+  schedule off. With a schedule, ``rounds`` decides the results, so a run
+  cannot be extended to more rounds by resuming it.
   """
 
   dataset: str = "fashion_mnist"
@@ -136,6 +144,8 @@ class ExperimentConfig:
   scaffold: bool = False
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
+  lr_decay_at: float = 0.0
+  lr_decay_factor: float = 0.1
   aggregator: str = "fedavg"
   aggregator_args: str = ""
   weighted: bool = True
@@ -191,6 +201,16 @@ class ExperimentConfig:
       return 0
     return int(round(self.malicious_fraction * self.clients_per_round))
 
+  @property
+  def lr_decay_round(self) -> Optional[int]:
+    """The first round index (0-based) of the decayed learning rates,
+    ``floor(lr_decay_at * rounds)``, or None without a schedule."""
+    if self.lr_decay_at == 0:
+      return None
+    from fractions import Fraction
+    # As the decimal the flag was written in: 0.29 * 100 is 29, not 28.
+    return math.floor(Fraction(repr(float(self.lr_decay_at))) * self.rounds)
+
   def round_config(self) -> RoundConfig:
     return RoundConfig(num_clients=self.num_clients,
                        clients_per_round=self.clients_per_round,
@@ -203,10 +223,18 @@ class ExperimentConfig:
                        num_byzantine=self.byzantine,
                        sparsify=self.sparsify, topk_ratio=self.topk_ratio,
                        pack_size=self.pack_size,
-                       attack_start=self.attack_start)
+                       attack_start=self.attack_start,
+                       lr_decay_round=self.lr_decay_round,
+                       lr_decay_factor=self.lr_decay_factor)
 
   def validate(self, check_data: bool = True) -> None:
     """Raises ValueError (or DatasetNotFoundError) saying what to change."""
+    if not 0.0 <= self.lr_decay_at <= 1.0:
+      raise ValueError(f"--lr_decay_at must be in [0, 1] (a fraction of "
+                       f"--rounds; 0 = no decay), got {self.lr_decay_at}")
+    if not self.lr_decay_factor > 0:
+      raise ValueError(f"--lr_decay_factor must be > 0, got "
+                       f"{self.lr_decay_factor}")
     self.round_config().validate()
     if self.partition not in PARTITIONS:
       raise ValueError(f"unknown partition {self.partition!r}; choose one of "
@@ -546,11 +574,13 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
       with open(cfg_path) as f:
         old = json.load(f)
       # Neither changes the results: a run may be extended, or resumed
-      # with another checkpoint interval.
-      for k in ("rounds", "checkpoint_every"):
+      # with another checkpoint interval. Under a learning-rate schedule
+      # the rounds place the decay, so they must match.
+      free = (("checkpoint_every",) if cfg.lr_decay_at
+              else ("rounds", "checkpoint_every"))
+      for k in free:
         old.pop(k, None)
-      new = {k: v for k, v in _config_dict(cfg).items()
-             if k not in ("rounds", "checkpoint_every")}
+      new = {k: v for k, v in _config_dict(cfg).items() if k not in free}
       diff = _config_differences(old, new)
       if diff:
         raise ValueError(f"{out_dir} holds a run of another configuration "

@@ -50,7 +50,9 @@ import numpy as np
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation.experiment import (SERVER_DATA_RULES,
                                                  Experiment, ExperimentConfig,
-                                                 _config_dict, build_data,
+                                                 _config_dict,
+                                                 _config_differences,
+                                                 build_data,
                                                  round_record, run_summary)
 from fedjax_sparse.simulation.round import (RoundData, make_evaluate,
                                             make_round_step)
@@ -293,14 +295,24 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     meta_path = os.path.join(ckpt_dir, "batch.json")
     meta = {"seeds": b.seeds, "output_dirs": [os.path.abspath(d) for d in
                                               output_dirs],
+            # rounds place a learning-rate decay: then a batch resumes
+            # only with the same rounds.
             "config": {k: v for k, v in _config_dict(cfg).items()
-                       if k not in ("seed", "rounds", "checkpoint_every")}}
+                       if k not in ("seed", "checkpoint_every")
+                       and (k != "rounds" or cfg.lr_decay_at)}}
     meta = json.loads(json.dumps(meta))
     old = None
     if os.path.exists(meta_path):
       with open(meta_path) as f:
         old = json.load(f)
-    if old == meta and io.checkpoint_exists(ckpt):
+    # Fields added to ExperimentConfig since the batch was written count as
+    # equal at their defaults (as for a single run's resume).
+    same = (isinstance(old, dict)
+            and {k: v for k, v in old.items() if k != "config"}
+            == {k: v for k, v in meta.items() if k != "config"}
+            and isinstance(old.get("config"), dict)
+            and not _config_differences(old["config"], meta["config"]))
+    if same and io.checkpoint_exists(ckpt):
       state = io.load_checkpoint(ckpt, state)
       done = int(np.asarray(state.round)[0])
       records = [_records_until(os.path.join(d, "rounds.jsonl"), done)

@@ -15,7 +15,8 @@ federated round inside a single ``jax.jit``:
 6. hand updates and masks to the aggregator contract
    (:mod:`fedjax_sparse.aggregators.base`);
 7. apply the aggregate with the server optimizer (plain ``theta - lr * u`` by
-   default) and write back per-client state;
+   default; with ``lr_decay_round`` the server and client learning rates
+   follow a step decay) and write back per-client state;
 8. return the round's metrics: loss, acceptance, detection counts against the
    known malicious clients, and uplink/downlink bits.
 
@@ -77,6 +78,14 @@ class RoundConfig:
     pack_size: parameters per pack P (1 = scalar top-k).
     attack_start: first round (1-based) in which attacks are active
       (ALGORITHMS.md section 5: paper default 10).
+    lr_decay_round: step decay of the learning rates: from this round index
+      on (0-based, ``ServerState.round``) both the server learning rate and
+      the clients' local learning rate are multiplied by
+      ``lr_decay_factor`` (the hybrid paper divides the lr by 10 at 75% of
+      training: ``lr_decay_round = floor(0.75 * rounds)``,
+      ``lr_decay_factor = 0.1``); None (the default) keeps them constant
+      and builds exactly the step without a schedule.
+    lr_decay_factor: the multiplier of ``lr_decay_round``.
   """
 
   num_clients: int
@@ -94,6 +103,8 @@ class RoundConfig:
   topk_ratio: float = 0.5
   pack_size: int = 1
   attack_start: int = 10
+  lr_decay_round: Optional[int] = None
+  lr_decay_factor: float = 0.1
 
   def validate(self, d: Optional[int] = None) -> None:
     """Raises ValueError saying what to change (``d`` enables the k <= d check)."""
@@ -130,9 +141,39 @@ class RoundConfig:
                        f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
     if not self.server_lr > 0:
       raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+    if self.lr_decay_round is not None:
+      if (isinstance(self.lr_decay_round, bool)
+          or not isinstance(self.lr_decay_round, int)
+          or self.lr_decay_round < 0):
+        raise ValueError(f"lr_decay_round must be None (no decay) or an "
+                         f"integer >= 0, got {self.lr_decay_round!r}")
+      if not self.lr_decay_factor > 0:
+        raise ValueError(f"lr_decay_factor must be > 0, got "
+                         f"{self.lr_decay_factor}")
+
+
+def lr_multiplier(cfg: RoundConfig, rnd) -> Optional[jax.Array]:
+  """The learning-rate multiplier of round ``rnd`` (0-based), or None.
+
+  ``f32``: ``cfg.lr_decay_factor`` from round ``cfg.lr_decay_round`` on, 1
+  before; None when ``cfg.lr_decay_round`` is None (no schedule, nothing
+  is multiplied).
+  """
+  if cfg.lr_decay_round is None:
+    return None
+  return jnp.where(jnp.asarray(rnd) >= cfg.lr_decay_round,
+                   jnp.float32(cfg.lr_decay_factor), jnp.float32(1.0))
 
 
 def make_server_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
+  """The server optimizer at the constant ``cfg.server_lr``.
+
+  A step decay (``cfg.lr_decay_round``) is applied by the round step, which
+  multiplies this optimizer's update by :func:`lr_multiplier` (for sgd,
+  momentum and adam alike the same as scaling the learning rate: optax's
+  last transformation is the scaling by ``-lr``; the momentum and Adam
+  moments themselves are not scaled, as with an optax schedule).
+  """
   if cfg.server_optimizer == "adam":
     return optax.adam(cfg.server_lr)
   if cfg.server_optimizer == "momentum":
@@ -319,8 +360,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
 
   The aggregator's ``ctx.extra`` holds ``clients`` (int32[K] sampled ids, to
   index per-client state), ``malicious`` (bool[K], for escape-ratio
-  diagnostics only: rules must not use it to decide), ``lr`` (the server
-  learning rate) and, with server data, ``server_update``.
+  diagnostics only: rules must not use it to decide), ``lr`` (the round's server
+  learning rate, after the decay of ``cfg.lr_decay_round``) and, with server data, ``server_update``.
 
   Returns:
     The round step. ``metrics`` holds ``loss`` (mean client training loss),
@@ -385,7 +426,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
         from fedjax_sparse.attacks import AttackContext
         actx = AttackContext(round=rnd, extra={"client_rank": rk})
       return train_one(params, model_state, cs if stateful else (), x_all,
-                       y_all, idx_row, count, k, psn, actx, control)
+                       y_all, idx_row, count, k, psn, actx, control,
+                       lr_scale=lr_multiplier(cfg, rnd))
 
     per_client = (cstate, idx, counts, client_keys, poison, rank)
     if k_pad != num_k:  # empty clients (count 0) train on nothing
@@ -420,14 +462,18 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       masks = None
       uplink = jnp.float32(dense_bits * num_k)
 
+    lr_mult = lr_multiplier(cfg, state.round)
+    server_lr = jnp.float32(cfg.server_lr)
+    if lr_mult is not None:
+      server_lr = server_lr * lr_mult
     extra = {"clients": clients, "malicious": is_mal,
-             "lr": jnp.float32(cfg.server_lr),
+             "lr": server_lr,
              "local_steps": out.steps.astype(jnp.float32)}
     if data.x_server is not None:
       n_srv = data.x_server.shape[0]
       srv = train_server(state.params, state.model_state, (), data.x_server,
                          data.y_server, jnp.arange(n_srv, dtype=jnp.int32),
-                         jnp.int32(n_srv), k_server)
+                         jnp.int32(n_srv), k_server, lr_scale=lr_mult)
       extra["server_update"] = srv.update
     ctx = AggContext(round=state.round, global_params=flat_global,
                      extra=extra, layout=layout, pack_size=pack_size,
@@ -436,6 +482,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                                           weights, k_agg, ctx)
     grad = unravel(agg_out.update)
     upd, opt_state = server_opt.update(grad, state.opt_state, state.params)
+    if lr_mult is not None:
+      upd = jax.tree.map(lambda u: u * lr_mult.astype(u.dtype), upd)
     params = optax.apply_updates(state.params, upd)
 
     if has_model_state:
