@@ -62,6 +62,9 @@ _HELP = {
     "scaffold": "SCAFFOLD control-variate correction of local training.",
     "server_lr": "Server learning rate.",
     "server_optimizer": "Server optimizer: sgd, momentum or adam.",
+    "server_momentum": "Momentum of --server_optimizer=momentum (R <- m R + "
+                       "u, theta <- theta - server_lr R; SparseFed's "
+                       "baselines use 0.9). Unused by sgd and adam.",
     "lr_decay_at": "Step decay of the server and client learning rates: "
                    "from round floor(lr_decay_at * rounds) (0-based) on, "
                    "both are multiplied by --lr_decay_factor (hybrid "

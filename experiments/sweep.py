@@ -34,6 +34,23 @@ Attack and aggregator hyperparameters that differ per name go in
 ``'ipm:eps=0.4;label_flip:mapping=circular'``; a name without an entry gets
 ``--attack_args`` / ``--aggregator_args``.
 
+Other configuration fields that differ per defence go in
+``--aggregator_fields_by_name``, in the same language with fields of
+:class:`ExperimentConfig` (as in a preset) for arguments, e.g. the server
+optimizer of SparseFed's comparison, where the baselines get the server
+momentum that SparseFed keeps inside the rule (its ``rho``)::
+
+  --server_optimizer=momentum --server_momentum=0.9
+  --aggregator_fields_by_name='sparsefed:server_optimizer=sgd;fetchsgd:server_optimizer=sgd'
+
+or, the other way round, ``'fedavg:server_optimizer=momentum,
+server_momentum=0.9;clipping:server_optimizer=momentum,server_momentum=0.9'``.
+An entry may not set the grid's axes, ``aggregator`` or ``aggregator_args``
+(use a preset, ``--aggregator_args_by_name``). The cells keep their names;
+the entries used are listed in ``results.md``. A preset's cells take its
+rule's entry first, then the preset's own fields, then an entry keyed by
+the preset's name.
+
 Defence presets: a name in ``--aggregators`` may also be a preset, an
 aggregation rule together with other configuration fields, for the baselines
 that change local training rather than aggregation. Built in
@@ -116,6 +133,13 @@ flags.DEFINE_string("attack_args_by_name", "", "Per-attack hyperparameters: "
 flags.DEFINE_string("aggregator_args_by_name", "", "Per-aggregator (or "
                     "per-preset) hyperparameters: 'name:k=v,k=v;name:k=v' "
                     "(others get --aggregator_args).")
+flags.DEFINE_string("aggregator_fields_by_name", "", "Per-aggregator (or "
+                    "per-preset) configuration fields: "
+                    "'name:field=value,field=value;name:...' (fields of "
+                    "ExperimentConfig other than the grid's axes, aggregator "
+                    "and aggregator_args), e.g. "
+                    "'sparsefed:server_optimizer=sgd;fedavg:server_momentum="
+                    "0.9'. Others keep the base flags.")
 flags.DEFINE_string("presets", "", "Defence presets usable in --aggregators: "
                     "'name:field=value,field=value;name:...' (fields of "
                     "ExperimentConfig; aggregator names the rule, fedavg when "
@@ -181,12 +205,15 @@ class Cell:
     config: the cell's configuration.
     preset: the defence preset the cell runs ("" for a plain rule).
     preset_fields: the preset's ``(field, value)`` pairs.
+    defence_fields: the ``(field, value)`` pairs that
+      ``--aggregator_fields_by_name`` set for the cell's defence.
   """
 
   name: str
   config: ExperimentConfig
   preset: str = ""
   preset_fields: tuple = ()
+  defence_fields: tuple = ()
 
   @property
   def attack(self) -> str:
@@ -245,6 +272,66 @@ def parse_args_by_name(text: str, what: str) -> dict[str, str]:
     name, args = (t.strip() for t in item.split(":", 1))
     parse_kwargs(args, f"{what}_args of {name}")
     out[name] = args
+  return out
+
+
+def parse_fields_by_name(text: str) -> dict[str, str]:
+  """``'sparsefed:server_optimizer=sgd;fedavg:server_momentum=0.9'`` ->
+  ``{name: fields}`` (the fields stay text; :func:`make_cells` checks them
+  with :func:`defence_fields`)."""
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if ":" not in item:
+      raise ValueError(f"bad --aggregator_fields_by_name entry {item!r}: write "
+                       "'name:field=value,field=value' entries separated by "
+                       "';'")
+    name, fields = (t.strip() for t in item.split(":", 1))
+    out[name] = fields
+  return out
+
+
+# Fields an --aggregator_fields_by_name entry may not set (besides the grid's
+# axes): the rule and its arguments have flags of their own.
+_NOT_DEFENCE_FIELDS = ("aggregator", "aggregator_args")
+
+
+def defence_fields(name: str, fields: Any) -> dict[str, Any]:
+  """One ``--aggregator_fields_by_name`` entry's fields, checked and typed.
+
+  Args:
+    name: the aggregator or preset the entry is for (for messages).
+    fields: ``{field: value}`` or the text ``'field=value,field=value'``
+      (fields of :class:`ExperimentConfig`).
+
+  Raises:
+    ValueError: an unknown field (the message lists the valid ones), an axis
+      of the grid, ``aggregator``/``aggregator_args``, a field set twice or
+      a value of the wrong type.
+  """
+  pairs = (_split_preset_fields(fields) if isinstance(fields, str)
+           else list(dict(fields).items()))
+  known = _config_fields()
+  valid = [f for f in known
+           if f not in _GRID_FIELDS and f not in _NOT_DEFENCE_FIELDS]
+  where = f"--aggregator_fields_by_name entry {name!r}"
+  out = {}
+  for key, value in pairs:
+    if key not in known:
+      raise ValueError(f"{where}: unknown field {key!r}; valid fields: "
+                       f"{', '.join(valid)}")
+    if key in _GRID_FIELDS:
+      raise ValueError(f"{where} sets {key!r}, an axis of the grid (set it "
+                       "with the grid flags)")
+    if key in _NOT_DEFENCE_FIELDS:
+      raise ValueError(f"{where} sets {key!r}: set the rule's arguments with "
+                       "--aggregator_args_by_name, another rule with "
+                       "--presets")
+    if key in out:
+      raise ValueError(f"{where} sets {key!r} twice")
+    f = known[key]
+    default = (f.default if f.default is not dataclasses.MISSING
+               else f.default_factory())
+    out[key] = _coerce(value, default, f"field {key!r} of {where}")
   return out
 
 
@@ -437,7 +524,8 @@ def make_cells(base: ExperimentConfig,
                seeds: Sequence[int] = (),
                attack_args_by_name: Optional[dict] = None,
                aggregator_args_by_name: Optional[dict] = None,
-               presets: Optional[dict] = None) -> list[Cell]:
+               presets: Optional[dict] = None,
+               aggregator_fields_by_name: Optional[dict] = None) -> list[Cell]:
   """The grid's cells (seed-major, deduplicated), each with its own
   ``output_dir`` under ``base.output_dir``.
 
@@ -458,10 +546,15 @@ def make_cells(base: ExperimentConfig,
       then its rule's entry, then ``base.aggregator_args``.
     presets: preset name -> fields (``{field: value}`` or
       ``"field=value,..."``), defining presets or replacing built-in ones.
+    aggregator_fields_by_name: aggregator or preset name -> configuration
+      fields (``{field: value}`` or ``"field=value,..."``,
+      :func:`defence_fields`) of that defence's cells, e.g.
+      ``{"sparsefed": "server_optimizer=sgd"}``. A preset's cells take
+      its rule's entry, then the preset's fields, then the preset's entry.
 
   Raises:
-    ValueError: an unknown name in the ``*_by_name`` tables, a bad preset,
-      several top-k ratios without top-k sparsification.
+    ValueError: an unknown name in the ``*_by_name`` tables, a bad preset
+      or field entry, several top-k ratios without top-k sparsification.
   """
   table = resolve_presets(presets)
 
@@ -489,12 +582,17 @@ def make_cells(base: ExperimentConfig,
     if name not in attacks_lib.names():
       raise ValueError(f"--attack_args_by_name names an unknown attack "
                        f"{name!r}; known attacks: {', '.join(attacks_lib.names())}")
-  for name in aggregator_args_by_name:
-    if name not in aggregators_lib.names() and name not in table:
-      raise ValueError(f"--aggregator_args_by_name names an unknown "
-                       f"aggregator {name!r}; known aggregators: "
-                       f"{', '.join(aggregators_lib.names())}; presets: "
-                       f"{', '.join(sorted(table))}")
+  fields_by_name = {defence(k): v for k, v in
+                    (aggregator_fields_by_name or {}).items()}
+  for flag, names in (("aggregator_args_by_name", aggregator_args_by_name),
+                      ("aggregator_fields_by_name", fields_by_name)):
+    for name in names:
+      if name not in aggregators_lib.names() and name not in table:
+        raise ValueError(f"--{flag} names an unknown "
+                         f"aggregator {name!r}; known aggregators: "
+                         f"{', '.join(aggregators_lib.names())}; presets: "
+                         f"{', '.join(sorted(table))}")
+  fields_by_name = {k: defence_fields(k, v) for k, v in fields_by_name.items()}
   root = base.output_dir
   cells: dict[str, Cell] = {}
   for seed in seeds:
@@ -509,6 +607,12 @@ def make_cells(base: ExperimentConfig,
         else:
           agg_args = aggregator_args_by_name.get(rule, base.aggregator_args)
         fields["aggregator_args"] = agg_args
+        own = {}
+        if agg in table:  # a preset: its rule's entry, under its fields
+          own.update({k: v for k, v in fields_by_name.get(rule, {}).items()
+                      if k not in table[agg]})
+        own.update(fields_by_name.get(agg, {}))
+        fields.update(own)
         for frac in fractions:
           for ratio in ratios:
             cfg = dataclasses.replace(
@@ -523,7 +627,8 @@ def make_cells(base: ExperimentConfig,
               cfg = dataclasses.replace(
                   cfg, output_dir=os.path.join(root, name) if root else "")
               cells[name] = Cell(name, cfg, preset, tuple(
-                  (k, v) for k, v in table[agg].items()) if preset else ())
+                  (k, v) for k, v in table[agg].items()) if preset else (),
+                  tuple(own.items()))
   return list(cells.values())
 
 
@@ -545,7 +650,8 @@ def cells_from_flags(fv: flags.FlagValues = FLAGS) -> list[Cell]:
       _floats(fv.topk_ratios, "topk_ratios"), _ints(fv.seeds, "seeds"),
       parse_args_by_name(fv.attack_args_by_name, "attack"),
       parse_args_by_name(fv.aggregator_args_by_name, "aggregator"),
-      parse_presets(fv.presets))
+      parse_presets(fv.presets),
+      parse_fields_by_name(fv.aggregator_fields_by_name))
 
 
 def _check_hyperparameters(cfg: ExperimentConfig) -> None:
@@ -963,6 +1069,18 @@ def _preset_lines(cells: Sequence[Cell]) -> list[str]:
           + [f"- {name}: {text}" for name, text in used.items()] + [""])
 
 
+def _defence_field_lines(cells: Sequence[Cell]) -> list[str]:
+  used = {}
+  for c in cells:
+    if c.defence_fields and c.defence not in used:
+      used[c.defence] = ", ".join(f"{k}={v!r}" if isinstance(v, str) else
+                                  f"{k}={v}" for k, v in c.defence_fields)
+  if not used:
+    return []
+  return (["# Per-defence settings (--aggregator_fields_by_name)", ""]
+          + [f"- {name}: {text}" for name, text in used.items()] + [""])
+
+
 def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   """Writes results.csv, results.md, heatmap.png and curves_<attack>.png.
 
@@ -1021,6 +1139,7 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
       md += _markdown_table(m, have, aggregators, fmt) + [""]
   md += _detection_lines(done, attacks, aggregators)
   md += _preset_lines(cells)
+  md += _defence_field_lines(cells)
   failed = [r for r in rows if r["status"] != "done"]
   if failed:
     md += ["# Cells without results", ""]

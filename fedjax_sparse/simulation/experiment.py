@@ -144,6 +144,7 @@ class ExperimentConfig:
   scaffold: bool = False
   server_lr: float = 1.0
   server_optimizer: str = "sgd"
+  server_momentum: float = 0.9
   lr_decay_at: float = 0.0
   lr_decay_factor: float = 0.1
   aggregator: str = "fedavg"
@@ -219,6 +220,7 @@ class ExperimentConfig:
                        client_devices=self.client_devices,
                        server_lr=self.server_lr,
                        server_optimizer=self.server_optimizer,
+                       server_momentum=self.server_momentum,
                        weighted=self.weighted,
                        num_byzantine=self.byzantine,
                        sparsify=self.sparsify, topk_ratio=self.topk_ratio,

@@ -70,7 +70,10 @@ class RoundConfig:
       dropped before aggregation.
     server_lr: server learning rate.
     server_optimizer: "sgd" (theta - lr * u), "momentum" or "adam".
-    server_momentum: momentum of the "momentum" server optimizer.
+    server_momentum: momentum of the "momentum" server optimizer
+      (``optax.sgd(server_lr, momentum)``: ``R <- server_momentum R + u``,
+      ``theta <- theta - server_lr R``, the server momentum of
+      sparsefed.txt Alg. 4; unused by "sgd" and "adam").
     weighted: aggregation weights by client dataset size (True) or uniform.
     num_byzantine: f, the number of attackers robust rules are told to expect.
     sparsify: "none" (dense uploads) or "topk" (pack top-k uploads).
@@ -141,6 +144,10 @@ class RoundConfig:
                        f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
     if not self.server_lr > 0:
       raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+    if (self.server_optimizer == "momentum"
+        and not 0.0 <= self.server_momentum < 1.0):
+      raise ValueError(f"server_momentum must be in [0, 1), got "
+                       f"{self.server_momentum}")
     if self.lr_decay_round is not None:
       if (isinstance(self.lr_decay_round, bool)
           or not isinstance(self.lr_decay_round, int)
