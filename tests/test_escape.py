@@ -213,14 +213,15 @@ def test_krum_escape(name):
 
 
 def test_bulyan_escape_both_stages():
+  # The one-shot variant; the paper's rule: test_aggregators_robust_defs.py.
   k, f = 11, 2
   u, mal = _population(70, k, 30, 3)
   u[mal[:]] = u[~mal].mean(0) + 0.4 * u[~mal].std(0)
   u[np.flatnonzero(mal)[0]] += 3.0  # one attacker stands out and is dropped
   order = np_krum_order(u, f)
   sel = order[:k - 2 * f]
-  plain, _, _ = run("bulyan", u, f=f)
-  got, acc, diag = run("bulyan", u, mal, f=f)
+  plain, _, _ = run("bulyan_fast", u, f=f)
+  got, acc, diag = run("bulyan_fast", u, mal, f=f)
   np.testing.assert_array_equal(got, plain)
   np.testing.assert_array_equal(np.flatnonzero(acc), np.sort(sel))
   sel_mal = mal[sel]
@@ -238,8 +239,9 @@ def test_no_attackers_and_no_flag():
     _, _, diag = run(name, u, none)
     assert diag["escape_ratio"] == 0.0, name
     assert "escape_ratio" not in run(name, u)[2], name
-  _, _, diag = run("bulyan", u, none)
-  assert diag["escape_ratio_selection"] == 0 and diag["escape_ratio_trim"] == 0
+  for name, f in (("bulyan_fast", 2), ("bulyan", 1)):  # bulyan: K >= 4f + 3
+    _, _, diag = run(name, u, none, f=f)
+    assert diag["escape_ratio_selection"] == 0 and diag["escape_ratio_trim"] == 0
 
 
 def test_safesparse_escape_is_the_accepted_share():

@@ -9,7 +9,7 @@ from fedjax_sparse.aggregators import fednova as _fednova  # registers fednova
 from fedjax_sparse.aggregators import median as _median  # registers median
 from fedjax_sparse.aggregators import trimmed_mean as _trimmed_mean  # registers trimmed_mean
 from fedjax_sparse.aggregators import krum as _krum  # registers krum, multi_krum
-from fedjax_sparse.aggregators import bulyan as _bulyan  # registers bulyan
+from fedjax_sparse.aggregators import bulyan as _bulyan  # registers bulyan, bulyan_fast
 from fedjax_sparse.aggregators import rfa as _rfa  # registers rfa
 from fedjax_sparse.aggregators import centered_clipping as _cc  # registers centered_clipping
 from fedjax_sparse.aggregators import signsgd as _signsgd  # registers signsgd
