@@ -125,13 +125,53 @@ def test_plain_attack_with_kwargs():
                              atol=1e-5)
 
 
-def test_targeted_pgd_from_attacker_data():
-  attack = _build("targeted_pgd", {"aux_size": 8, "clip_norm": 0.5, "steps": 2})
+_XT = _RNG.normal(size=(30, 6, 6, 1)).astype(np.float32)  # a "test split"
+_YT = _RNG.integers(0, 4, size=30).astype(np.int32)
+
+
+@pytest.mark.parametrize("source", ["test", "train"])
+def test_targeted_pgd_from_test_or_attacker_data(source):
+  attack = _build("targeted_pgd", {"aux_size": 8, "clip_norm": 0.5, "steps": 2,
+                                   "aux_source": source},
+                  test_x=_XT, test_y=_YT)
   out = _run(attack)
   assert np.linalg.norm(out[0]) <= 0.5 * (1 + 1e-4)  # the clipping ball
   np.testing.assert_array_equal(out[0], out[2])
   ax, ay = A.targeted_auxiliary_set(_X, _Y, 4, size=8, seed=0)
   assert ax.shape == (8, 6, 6, 1) and ay.shape == (8,)
+  # The attack trains on the set targeted_auxiliary_data draws: handing that
+  # set over explicitly gives the same update.
+  aux = A.targeted_auxiliary_data({"aux_size": 8, "aux_source": source},
+                                  num_classes=4, attacker_x=_X, attacker_y=_Y,
+                                  test_x=_XT, test_y=_YT)
+  given = _build("targeted_pgd", {"aux_size": 8, "clip_norm": 0.5, "steps": 2,
+                                  "aux_source": source}, targeted_aux=aux)
+  np.testing.assert_array_equal(_run(given), out)
+
+
+def test_targeted_auxiliary_data_comes_from_test_points_by_default():
+  assert A.TARGETED_OPTIONS["aux_source"] == "test"
+  aux = A.targeted_auxiliary_data({"aux_size": 12, "aux_seed": 3},
+                                  num_classes=4, attacker_x=_X, attacker_y=_Y,
+                                  test_x=_XT, test_y=_YT)
+  assert aux.x.shape == (12, 6, 6, 1) and len(set(aux.test_index)) == 12
+  np.testing.assert_array_equal(aux.x, _XT[aux.test_index])
+  # Flipped labels: never the true class.
+  assert np.all(aux.y != _YT[aux.test_index])
+  train = A.targeted_auxiliary_data({"aux_size": 12, "aux_seed": 3,
+                                     "aux_source": "train"}, num_classes=4,
+                                    attacker_x=_X, attacker_y=_Y,
+                                    test_x=_XT, test_y=_YT)
+  assert train.test_index is None
+  rows = {r.tobytes() for r in _X}
+  assert all(r.tobytes() in rows for r in train.x)
+  assert not any(r.tobytes() in rows for r in aux.x)
+  with pytest.raises(ValueError, match="unknown aux_source 'val'"):
+    A.targeted_auxiliary_data({"aux_source": "val"}, num_classes=4,
+                              test_x=_XT, test_y=_YT)
+  with pytest.raises(ValueError, match="needs the test split"):
+    _build("targeted_pgd", {"aux_size": 8})
+  assert "aux_source" in A.accepted_arguments("targeted_pgd")
 
 
 @pytest.mark.parametrize("fresh", [None, "true"])

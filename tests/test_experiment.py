@@ -131,6 +131,8 @@ def test_targeted_accuracy_and_oif(tmp_path):
                                r["targeted_accuracy"] * 30 / (influence * n),
                                rtol=1e-6)
   assert not any("oif" in r for r in records if "accuracy" not in r)
+  # The 30 auxiliary test points are not part of the test accuracy.
+  assert summary["test_size"] == len(build_data(cfg).y_test) - 30
   assert summary["final_targeted_accuracy"] == evals[-1]["targeted_accuracy"]
   assert summary["final_oif"] == evals[-1]["oif"]
   assert (summary["final_twin_targeted_accuracy"]
@@ -138,6 +140,43 @@ def test_targeted_accuracy_and_oif(tmp_path):
   # The attack raises the targeted accuracy above the unattacked twin's.
   assert (summary["final_targeted_accuracy"]
           > summary["final_twin_targeted_accuracy"] + 0.5), summary
+
+
+def test_targeted_auxiliary_set_is_test_points_disjoint_from_training():
+  """The paper's auxiliary set (sparsefed.txt 3.2; ALGORITHMS.md section 8):
+  test points, none of them in any client's training rows, left out of the
+  test evaluation; the attack and the targeted accuracy share it."""
+  from fedjax_sparse.simulation.experiment import Experiment
+  cfg = dataclasses.replace(
+      TARGETED, num_clients=12, clients_per_round=6, malicious_fraction=0.25,
+      attack_args="clip_norm=100,lr=1.0,steps=2,aux_size=30,aux_seed=1")
+  exp = Experiment(cfg)
+  fd = exp.fd
+  aux = exp.targeted_aux
+  assert aux.test_index is not None and len(set(aux.test_index)) == 30
+  np.testing.assert_array_equal(aux.x, fd.x_test[aux.test_index])
+  np.testing.assert_array_equal(np.asarray(exp.x_aux), aux.x)
+  np.testing.assert_array_equal(np.asarray(exp.y_aux), aux.y)
+  assert np.all(aux.y != fd.y_test[aux.test_index])  # flipped labels
+  # Disjoint from every client's training examples (the client index table).
+  train_rows = set()
+  for c in range(cfg.num_clients):
+    for i in fd.clients.idx[c, :fd.clients.counts[c]]:
+      train_rows.add(fd.x_train[i].tobytes())
+  assert train_rows and not any(x.tobytes() in train_rows for x in aux.x)
+  # The test evaluation leaves the auxiliary points out.
+  assert exp.x_test.shape[0] == len(fd.y_test) - 30
+  left = {x.tobytes() for x in np.asarray(exp.x_test)}
+  assert not any(x.tobytes() in left for x in aux.x)
+  # aux_source=train: the attackers' own training examples, the whole test
+  # split evaluated (how the committed sparsefed_targeted runs were made).
+  old = Experiment(dataclasses.replace(
+      cfg, attack_args=cfg.attack_args + ",aux_source=train"))
+  assert old.targeted_aux.test_index is None
+  assert all(x.tobytes() in train_rows for x in old.targeted_aux.x)
+  assert old.x_test.shape[0] == len(fd.y_test)
+  with pytest.raises(ValueError, match="unknown aux_source"):
+    dataclasses.replace(cfg, attack_args="aux_source=validation").validate()
 
 
 def test_no_targeted_metrics_for_other_attacks():

@@ -98,14 +98,16 @@ def pgd_update(loss_fn: Callable[[PyTree, Array, Array], Array], params: PyTree,
 
 
 def make_auxiliary_set(x: np.ndarray, y: np.ndarray, size: int, num_classes: int,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                       seed: int = 0, return_index: bool = False):
   """The auxiliary set of targeted poisoning (sparsefed.txt 3.2).
 
-  Samples ``size`` points of the test split and flips each label to a class
-  drawn uniformly from the ``num_classes - 1`` wrong ones.
+  Samples ``size`` points of ``x, y`` (the paper: of the test split) without
+  replacement and flips each label to a class drawn uniformly from the
+  ``num_classes - 1`` wrong ones.
 
   Returns:
-    ``(x [size, ...], y_flipped int32[size])`` numpy arrays.
+    ``(x [size, ...], y_flipped int32[size])`` numpy arrays, and with
+    ``return_index`` also the sampled rows' positions ``int[size]`` in ``x``.
   """
   if not 1 <= size <= len(y):
     raise ValueError(f"size must be in [1, {len(y)}], got {size}")
@@ -115,7 +117,8 @@ def make_auxiliary_set(x: np.ndarray, y: np.ndarray, size: int, num_classes: int
   idx = rng.choice(len(y), size=size, replace=False)
   y0 = np.asarray(y)[idx].astype(np.int32)
   shift = rng.integers(1, num_classes, size=size)
-  return np.asarray(x)[idx], ((y0 + shift) % num_classes).astype(np.int32)
+  out = (np.asarray(x)[idx], ((y0 + shift) % num_classes).astype(np.int32))
+  return (*out, idx) if return_index else out
 
 
 @register_update("targeted_pgd")

@@ -26,6 +26,18 @@ Outputs in ``output_dir`` (all written atomically):
   ``checkpoint.npz``). With ``twin=True`` it holds both the attacked
   run's and the twin's state.
 
+Targeted model poisoning (``targeted_pgd``): the attackers' auxiliary set is
+drawn once (:func:`fedjax_sparse.attacks.builder.targeted_auxiliary_data`)
+and serves both the attack and the targeted accuracy. By default
+(``aux_source=test``) it is ``aux_size`` test points, as in sparsefed.txt
+3.2, and those points are left out of the test accuracy, loss and top-5 of
+the run (and of its twin), which the paper measures on "the validation set
+not including the auxiliary set" (B.5, Table 11); ``summary.json`` then
+says how many test points were evaluated (``test_size``). Runs without
+``targeted_pgd`` (the ``none`` cells of a sweep) evaluate on the whole test
+split. ``aux_source=train`` draws the set from the attackers' training data
+and evaluates on the whole test split.
+
 The unattacked twin (``twin=True``, ALGORITHMS.md section 7) is trained in
 the same jitted step as the attacked run, from the same initial state and
 PRNG key, with the same rule and settings but no attack and nobody
@@ -267,8 +279,13 @@ class ExperimentConfig:
       raise ValueError(f"num_byzantine must be -1 (automatic) or in "
                        f"[0, clients_per_round), got {self.num_byzantine}")
     parse_kwargs(self.aggregator_args, "aggregator_args")
-    parse_kwargs(self.attack_args, "attack_args")
+    attack_kwargs = parse_kwargs(self.attack_args, "attack_args")
     from fedjax_sparse import attacks as attacks_lib
+    if self.attack == "targeted_pgd":
+      from fedjax_sparse.attacks.builder import (TARGETED_OPTIONS,
+                                                 check_aux_source)
+      check_aux_source(attack_kwargs.get("aux_source",
+                                         TARGETED_OPTIONS["aux_source"]))
     if self.attack != "none" and self.attack not in attacks_lib.names():
       raise ValueError(f"unknown attack {self.attack!r}; known attacks: none, "
                        f"{', '.join(attacks_lib.names())}")
@@ -330,13 +347,22 @@ class Experiment:
     attack_kwargs = parse_kwargs(cfg.attack_args)
     malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
                                              cfg.malicious_mode, cfg.seed)
-    pool = None
+    # targeted_pgd's auxiliary set, drawn once for the attack and for the
+    # targeted accuracy (test points by default; see the module docstring).
+    self.targeted_aux = None
     if cfg.attack != "none":
       if attacks_lib.is_update_attack(cfg.attack):
-        from fedjax_sparse.attacks.builder import build_update_attack
+        from fedjax_sparse.attacks.builder import (build_update_attack,
+                                                   targeted_auxiliary_data)
         rows = self.fd.clients.idx[malicious]
         counts = self.fd.clients.counts[malicious]
         pool = np.concatenate([r[:c] for r, c in zip(rows, counts)])
+        if cfg.attack == "targeted_pgd":
+          self.targeted_aux = targeted_auxiliary_data(
+              attack_kwargs, num_classes=self.fd.num_classes,
+              attacker_x=self.fd.x_train[pool],
+              attacker_y=self.fd.y_train[pool], test_x=self.fd.x_test,
+              test_y=self.fd.y_test)
         self.update_attack = build_update_attack(
             cfg.attack, attack_kwargs, layout=self.layout,
             params=self.variables["params"], apply_fn=self.model.apply,
@@ -344,7 +370,9 @@ class Experiment:
             key=jax.random.fold_in(key, 1), num_classes=self.fd.num_classes,
             model_state={k: v for k, v in self.variables.items()
                          if k != "params"},
-            output_dir=cfg.output_dir or None)
+            output_dir=cfg.output_dir or None,
+            test_x=self.fd.x_test, test_y=self.fd.y_test,
+            targeted_aux=self.targeted_aux)
       else:
         self.data_attack = _build(attacks_lib.get_data_attack(cfg.attack),
                                   attack_kwargs, "attack", cfg.attack,
@@ -373,8 +401,15 @@ class Experiment:
                           jnp.asarray(attacks_lib.malicious_rank(malicious)),
                           *((jnp.asarray(self.fd.x_val), jnp.asarray(self.fd.y_val))
                             if cfg.aggregator in SERVER_DATA_RULES else ()))
-    self.x_test = jnp.asarray(self.fd.x_test)
-    self.y_test = jnp.asarray(self.fd.y_test)
+    x_test, y_test = self.fd.x_test, self.fd.y_test
+    if self.targeted_aux is not None and self.targeted_aux.test_index is not None:
+      # The auxiliary test points are the attack's, not the test set's
+      # (sparsefed.txt B.5: test accuracy "not including the auxiliary set").
+      keep = np.ones(len(y_test), bool)
+      keep[self.targeted_aux.test_index] = False
+      x_test, y_test = x_test[keep], y_test[keep]
+    self.x_test = jnp.asarray(x_test)
+    self.y_test = jnp.asarray(y_test)
     # Backdoor data attacks: the triggered non-target test set whose accuracy
     # (labels = the target) is the attack success rate (ALGORITHMS.md s. 7).
     self.x_asr = self.y_asr = None
@@ -383,18 +418,13 @@ class Experiment:
           cfg.attack, attack_kwargs, self.fd.x_test, self.fd.y_test)
       if len(y_asr):
         self.x_asr, self.y_asr = jnp.asarray(x_asr), jnp.asarray(y_asr)
-    # Targeted model poisoning: the attackers' auxiliary set with its flipped
-    # labels, rebuilt as the attack builder draws it, for the targeted attack
-    # accuracy and the outsized impact factor (ALGORITHMS.md s. 7).
+    # Targeted model poisoning: the attack's own auxiliary set with its
+    # flipped labels, for the targeted attack accuracy and the outsized
+    # impact factor (ALGORITHMS.md s. 7).
     self.x_aux = self.y_aux = None
-    if cfg.attack == "targeted_pgd":
-      from fedjax_sparse.attacks.builder import (TARGETED_OPTIONS,
-                                                 targeted_auxiliary_set)
-      opts = {k: attack_kwargs.get(k, v) for k, v in TARGETED_OPTIONS.items()}
-      x_aux, y_aux = targeted_auxiliary_set(
-          self.fd.x_train[pool], self.fd.y_train[pool], self.fd.num_classes,
-          opts["aux_size"], opts["aux_seed"])
-      self.x_aux, self.y_aux = jnp.asarray(x_aux), jnp.asarray(y_aux)
+    if self.targeted_aux is not None:
+      self.x_aux = jnp.asarray(self.targeted_aux.x)
+      self.y_aux = jnp.asarray(self.targeted_aux.y)
     # n of the OIF: the training points held by all clients together.
     self.num_datapoints = int(np.sum(self.fd.clients.counts))
 
@@ -660,6 +690,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
   if exp.has_targeted:
     for k in ("targeted_accuracy", "oif"):
       summary[f"final_{k}"] = last_eval.get(k) if last_eval else None
+    summary["test_size"] = int(exp.y_test.shape[0])
   if cfg.twin:
     summary["final_l1_to_twin"] = (records[-1].get("l1_to_twin") if records
                                    else None)
