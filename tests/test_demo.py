@@ -23,7 +23,10 @@ def test_demo_setting_is_the_showcase():
   assert (cfg.sparsify, cfg.topk_ratio) == ("topk", 0.5)
   assert (cfg.malicious_fraction, cfg.malicious_mode) == (0.4, "first")
   assert 1 < cfg.attack_start < cfg.rounds
-  assert {"none", "ipm", "scaling"} <= set(demo.ATTACKS)
+  assert {"none", "ipm", "scaling", "boosted_update"} <= set(demo.ATTACKS)
+  # The papers' threat model for scaling; the adaptive row beside it.
+  assert "space=model" in demo.ATTACK_ARGS["scaling"]
+  assert set(demo.ATTACK_NOTES) == {"scaling", "boosted_update"}
   assert {"fedavg", "safesparse"} <= set(demo.DEFENCES)
 
 
