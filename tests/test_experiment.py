@@ -71,6 +71,8 @@ def test_resume_refuses_another_configuration(tmp_path):
     (dict(lr_decay_at=-0.25), "lr_decay_at must be in"),
     (dict(lr_decay_at=0.75, lr_decay_factor=0.0), "lr_decay_factor must be > 0"),
     (dict(lr_decay_factor=-1.0), "lr_decay_factor must be > 0"),
+    (dict(attack="scaling", attack_args="space=model", malicious_fraction=0.4,
+          update_mode="momentum"), "needs clients that upload models"),
 ])
 def test_bad_config_fails_with_a_message(kw, msg):
   with pytest.raises((ValueError, FileNotFoundError), match=msg):

@@ -289,6 +289,11 @@ class ExperimentConfig:
     if self.attack != "none" and self.attack not in attacks_lib.names():
       raise ValueError(f"unknown attack {self.attack!r}; known attacks: none, "
                        f"{', '.join(attacks_lib.names())}")
+    if attack_kwargs.get("space") == "model" and self.update_mode != "delta":
+      raise ValueError(
+          f"--attack_args=space=model crafts the uploaded model, which needs "
+          f"clients that upload models (--update_mode=delta); with "
+          f"--update_mode={self.update_mode} use space=update")
     if not 0.0 <= self.malicious_fraction < 1.0:
       raise ValueError(f"malicious_fraction must be in [0, 1), got "
                        f"{self.malicious_fraction}")
