@@ -294,7 +294,7 @@ def test_unknown_model_lists_known():
     models.get_model("vgg11", 10)
   for name in ("cnn2", "lenet", "mlp", "resnet20"):
     assert name in str(e.value)
-  assert models.names() == ["cnn2", "lenet", "mlp", "resnet20"]
+  assert models.names() == ["cnn2", "lenet", "mlp", "mlp_bn", "resnet20"]
 
 
 def test_bad_options():
@@ -306,3 +306,26 @@ def test_bad_options():
     models.get_model("cnn2", 10, width=(8, 16))
   with pytest.raises(ValueError, match="int"):
     models.get_model("resnet20", 10, width=(16, 32))
+
+
+def test_mlp_bn_normalises_hidden_layers():
+  model = models.get_model("mlp_bn", 10)
+  x = jax.random.normal(jax.random.key(0), (32, 28, 28, 1)) * 3.0 + 2.0
+  variables = model.init(jax.random.key(1), x)
+  assert set(variables) == {"params", "batch_stats"}
+  # The dense layers of "mlp" plus a scale and bias per hidden unit.
+  n = sum(a.size for a in jax.tree.leaves(variables["params"]))
+  assert n == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10 + 2 * (200 + 200)
+  # Training mode normalises with the batch statistics and updates the
+  # running ones; eval mode uses the running statistics.
+  logits, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert logits.shape == (32, 10)
+  pre = x.reshape(32, -1) @ variables["params"]["Dense_0"]["kernel"] + \
+      variables["params"]["Dense_0"]["bias"]
+  np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"],
+                             0.1 * np.asarray(pre).mean(0), rtol=1e-4, atol=1e-5)
+  a = model.apply(variables, x, train=False)
+  b = model.apply(new | {"params": variables["params"]}, x, train=False)
+  assert not np.allclose(a, b)
+  # The plain MLP is unchanged: no batch statistics.
+  assert set(models.get_model("mlp", 10).init(jax.random.key(1), x)) == {"params"}

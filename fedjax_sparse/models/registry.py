@@ -26,6 +26,11 @@ def _mlp(num_classes: int, conv_impl: str, norm: str, width: Width,
   return MLP(num_classes, **kwargs)
 
 
+def _mlp_bn(num_classes: int, conv_impl: str, norm: str, width: Width,
+            **kwargs) -> nn.Module:
+  return _mlp(num_classes, conv_impl, norm, width, batch_norm=True, **kwargs)
+
+
 def _cnn2(num_classes: int, conv_impl: str, norm: str, width: Width,
           **kwargs) -> nn.Module:
   del norm
@@ -61,6 +66,7 @@ def _width_tuple(width: Width, n: int, name: str) -> tuple[int, ...]:
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
+    "mlp_bn": _mlp_bn,
     "cnn2": _cnn2,
     "lenet": _lenet,
     "resnet20": _resnet20,
