@@ -9,7 +9,11 @@ Example::
 Every flag but the multi-host ones (``--distributed``,
 ``--coordinator_address``, ``--num_processes``, ``--process_id``) is a field
 of :class:`fedjax_sparse.simulation.ExperimentConfig`. Bad flags fail before
-anything is compiled, with a message saying what to change.
+anything is compiled, with a message saying what to change. So does a run
+that cannot start or resume in its ``--output_dir`` (another run holds the
+directory's lock, it holds another configuration, a corrupt checkpoint or
+result file, more rounds than ``--rounds``, or it cannot be written): each
+prints ``error: ...`` and exits with status 2.
 
 Multi-host: start the same command on every host (or every process) with
 ``--distributed``; on TPU pod slices, SLURM and Open MPI the processes find
@@ -170,7 +174,15 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   from fedjax_sparse.simulation.experiment import run_experiment
-  summary = run_experiment(cfg, progress=coordinator)
+  try:
+    summary = run_experiment(cfg, progress=coordinator)
+  except (ValueError, FileNotFoundError) as e:
+    # What the run finds before or while running: another run in the output
+    # directory, a run that cannot be resumed (another configuration, a
+    # corrupt checkpoint or rounds file, fewer rounds than it holds), a
+    # directory that cannot be written.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if not coordinator:
     return 0
   keys = ["final_accuracy", "final_top5_accuracy", "best_accuracy",

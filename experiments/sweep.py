@@ -96,6 +96,7 @@ if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
   restart_with_huge_pages()
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -116,6 +117,7 @@ import numpy as np
 # Importing the single-run binary defines one flag per ExperimentConfig field.
 from experiments import run as run_lib  # noqa: F401
 from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation import run_safety
 from fedjax_sparse.simulation.experiment import ExperimentConfig, parse_kwargs
 
 flags.DEFINE_list("attacks", [], "Attacks of the grid (comma-separated; "
@@ -854,7 +856,8 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
       except (ValueError, FileNotFoundError) as e:
         for c in batch:
           status[c.name] = f"failed: {e}"
-          io.atomic_write_text(os.path.join(c.dir, "error.txt"), f"{e}\n")
+          if not isinstance(e, run_safety.OutputDirInUse):
+            io.atomic_write_text(os.path.join(c.dir, "error.txt"), f"{e}\n")
           log(f"{tag(c)}: FAILED: {e}")
         continue
       seconds = time.perf_counter() - t0
@@ -869,7 +872,9 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
                                fd=data_for(cell))
     except (ValueError, FileNotFoundError) as e:
       status[cell.name] = f"failed: {e}"
-      io.atomic_write_text(os.path.join(cell.dir, "error.txt"), f"{e}\n")
+      # Not into the directory of another run that holds it.
+      if not isinstance(e, run_safety.OutputDirInUse):
+        io.atomic_write_text(os.path.join(cell.dir, "error.txt"), f"{e}\n")
       log(f"{tag(cell)}: FAILED: {e}")
       continue
     _clear_error(cell)
@@ -1197,11 +1202,21 @@ def main(argv):
     return 2
   print(f"{len(cells)} cells into {FLAGS.output_dir}")
   status = {}
-  if not FLAGS.report_only:
-    status = run_cells(cells, progress=FLAGS.cell_progress,
-                       batch_seeds=FLAGS.batch_seeds,
-                       seed_mode=FLAGS.seed_mode)
-  report = write_report(cells, FLAGS.output_dir)
+  try:
+    # One sweep at a time in an output directory (two would run the same
+    # cells with different settings); --report_only only reads the cells,
+    # and may report on a sweep that is running.
+    with (contextlib.nullcontext() if FLAGS.report_only
+          else run_safety.output_lock(FLAGS.output_dir)):
+      if not FLAGS.report_only:
+        status = run_cells(cells, progress=FLAGS.cell_progress,
+                           batch_seeds=FLAGS.batch_seeds,
+                           seed_mode=FLAGS.seed_mode)
+      report = write_report(cells, FLAGS.output_dir)
+  except (ValueError, FileNotFoundError) as e:
+    # Another sweep in the directory, a directory that cannot be written.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print()
   print(report["markdown"])
   print("wrote " + ", ".join(report["files"]))

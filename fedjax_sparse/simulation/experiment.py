@@ -24,7 +24,12 @@ Outputs in ``output_dir`` (all written atomically):
   the same configuration and output directory resumes from it without
   losing finished rounds (runs of earlier versions from their
   ``checkpoint.npz``). With ``twin=True`` it holds both the attacked
-  run's and the twin's state.
+  run's and the twin's state;
+* ``checkpoint.sha256``: the checkpoint's checksum, verified on resume (a
+  corrupt checkpoint is refused, never trained on);
+* ``.lock``: locked (``flock``) by the run using the directory, and holding
+  its pid: a second run there is refused
+  (:mod:`fedjax_sparse.simulation.run_safety`).
 
 Targeted model poisoning (``targeted_pgd``): the attackers' auxiliary set is
 drawn once (:func:`fedjax_sparse.attacks.builder.targeted_auxiliary_data`)
@@ -64,6 +69,7 @@ from fedjax_sparse import models as models_lib
 from fedjax_sparse.client.local import ClientConfig
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation import run_safety
 from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
                                             TwinState, init_server_state,
                                             init_twin_state, make_evaluate,
@@ -266,6 +272,9 @@ class ExperimentConfig:
     if self.checkpoint_every < 1:
       raise ValueError(f"--checkpoint_every must be >= 1, got "
                        f"{self.checkpoint_every}")
+    if self.eval_batch_size < 1:
+      raise ValueError(f"--eval_batch_size must be >= 1, got "
+                       f"{self.eval_batch_size}")
     if self.aggregator not in aggregators_lib.names():
       raise ValueError(f"unknown aggregator {self.aggregator!r}; known "
                        f"aggregators: {', '.join(aggregators_lib.names())}")
@@ -595,21 +604,41 @@ def run_summary(cfg: ExperimentConfig, records: list[dict],
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True,
                    fd=None) -> dict:
-  """Runs (or resumes) an experiment and returns its summary dict."""
+  """Runs (or resumes) an experiment and returns its summary dict.
+
+  With an ``output_dir`` the run holds its lock
+  (:func:`fedjax_sparse.simulation.run_safety.output_lock`) throughout, and
+  resumes only what it can resume exactly: a ValueError says why not where
+  another run holds the directory, it holds another configuration, a
+  corrupt checkpoint (:func:`fedjax_sparse.simulation.io.load_checkpoint`),
+  more rounds than ``cfg.rounds``, or round records that do not cover its
+  checkpoint, or it cannot be written. Nothing is written before these
+  checks.
+  """
   exp = Experiment(cfg, fd)
+  if not cfg.output_dir:
+    return _run_experiment(exp, cfg, progress)
+  with run_safety.output_lock(cfg.output_dir):
+    return _run_experiment(exp, cfg, progress)
+
+
+def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
+                    progress: bool) -> dict:
   out_dir = cfg.output_dir
   records: list[dict] = []
   state = exp.init_state()
   ckpt = os.path.join(out_dir, "checkpoint") if out_dir else ""
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
     cfg_path = os.path.join(out_dir, "config.json")
     rounds_path = os.path.join(out_dir, "rounds.jsonl")
     # Runs of earlier versions left a .npz checkpoint.
     resume_from = ckpt if io.checkpoint_exists(ckpt) else ckpt + ".npz"
     if io.checkpoint_exists(resume_from) and os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        old = json.load(f)
+      old = io.read_json(cfg_path)
+      if not isinstance(old, dict):
+        raise ValueError(f"{cfg_path} is not a configuration (a JSON "
+                         "object): it was damaged or written by something "
+                         "else")
       # Neither changes the results: a run may be extended, or resumed
       # with another checkpoint interval. Under a learning-rate schedule
       # the rounds place the decay, so they must match.
@@ -625,7 +654,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
                          "--output_dir or delete it")
       state = io.load_checkpoint(resume_from, state)
       done = int(state.round)
-      records = [r for r in io.read_jsonl(rounds_path) if r["round"] <= done]
+      run_safety.check_rounds(done, cfg.rounds, out_dir)
+      records = run_safety.resumed_records(rounds_path, done, resume_from)
     io.atomic_write_json(cfg_path, _config_dict(cfg))
 
   start = int(state.round)

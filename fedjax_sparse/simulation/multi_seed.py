@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation import run_safety
 from fedjax_sparse.simulation.experiment import (SERVER_DATA_RULES,
                                                  Experiment, ExperimentConfig,
                                                  _config_dict,
@@ -240,11 +241,6 @@ class SeedBatch:
             for i in range(self.num_seeds)]
 
 
-def _records_until(path: str, done: int) -> list[dict]:
-  recs = io.read_jsonl(path) if os.path.exists(path) else []
-  return [r for r in recs if r["round"] <= done]
-
-
 def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
               progress: bool = False, mode: str = "auto",
               batch: Optional[SeedBatch] = None,
@@ -268,7 +264,10 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
       The stacked state is checkpointed every ``cfg.checkpoint_every``
       rounds into ``<first directory>/seed_batch/``; a killed batch run
       again with the same seeds resumes from there and ends as it would
-      have.
+      have. Every directory is locked for the run, and a resume is refused
+      (ValueError) as :func:`run_experiment`'s is: a corrupt checkpoint,
+      fewer ``cfg.rounds`` than it holds, or a seed's ``rounds.jsonl``
+      without the records of its rounds.
 
   Returns:
     One summary per seed, with the keys of
@@ -283,6 +282,17 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     output_dirs = [os.path.join(cfg.output_dir, f"seed_{s}") for s in b.seeds]
   if output_dirs is not None and len(output_dirs) != num:
     raise ValueError(f"{len(output_dirs)} output_dirs for {num} seeds")
+  if not output_dirs:
+    return _run_seeds(cfg, b, progress, output_dirs)
+  # Every seed's directory is locked as a separate run's would be (all or
+  # none; see run_safety.output_lock).
+  with run_safety.output_locks(output_dirs):
+    return _run_seeds(cfg, b, progress, output_dirs)
+
+
+def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
+               output_dirs: Optional[Sequence[str]]) -> list[dict]:
+  num = b.num_seeds
   cfgs = [dataclasses.replace(cfg, seed=s,
                               output_dir=output_dirs[i] if output_dirs else "")
           for i, s in enumerate(b.seeds)]
@@ -301,10 +311,7 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
                        if k not in ("seed", "checkpoint_every")
                        and (k != "rounds" or cfg.lr_decay_at)}}
     meta = json.loads(json.dumps(meta))
-    old = None
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        old = json.load(f)
+    old = io.read_json(meta_path) if os.path.exists(meta_path) else None
     # Fields added to ExperimentConfig since the batch was written count as
     # equal at their defaults (as for a single run's resume).
     same = (isinstance(old, dict)
@@ -315,14 +322,13 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     if same and io.checkpoint_exists(ckpt):
       state = io.load_checkpoint(ckpt, state)
       done = int(np.asarray(state.round)[0])
-      records = [_records_until(os.path.join(d, "rounds.jsonl"), done)
+      run_safety.check_rounds(done, cfg.rounds, ckpt_dir)
+      records = [run_safety.resumed_records(os.path.join(d, "rounds.jsonl"),
+                                            done, ckpt)
                  for d in output_dirs]
-      if any(len(r) != done for r in records):
-        state, records = b.init_state(), [[] for _ in range(num)]
-    os.makedirs(ckpt_dir, exist_ok=True)
+    run_safety.prepare_output_dir(ckpt_dir)
     io.atomic_write_json(meta_path, meta)
     for d, c in zip(output_dirs, cfgs):
-      os.makedirs(d, exist_ok=True)
       io.atomic_write_json(os.path.join(d, "config.json"), _config_dict(c))
   start = len(records[0])
   t0 = time.perf_counter()
