@@ -153,27 +153,32 @@ def lowest(scores: Array, m: int) -> Array:
 
 
 def mix(membership: Array, updates: Array, masks: Optional[Array], weights: Array,
-        pack_size: int) -> tuple[Array, Optional[Array]]:
+        pack_size: int) -> tuple[Array, Optional[Array], Array]:
   """Group averages for pre-aggregators (bucketing, NNM).
 
   Row ``g`` of the result averages the clients with ``membership[g, i] > 0``,
   weighted by ``membership[g, i] * weights[i]``; with masks, each pack is
   averaged over the members that selected it (as in FLARE Alg. 2) and the
-  group mask is the union of the members' masks. A group with a non-finite
-  member becomes a NaN row, so the base rule sees it as an outlier; the
-  other groups are unaffected.
+  group mask is the union of the members' masks. A member with ``inf``/``nan``
+  is absent from every group (weight 0, zeroed with ``jnp.where``, its mask
+  ignored): one bad coordinate does not spoil the other members' averages.
+  A group without any finite member is a NaN row, so the base rule sees it
+  as an outlier (and the means leave it out).
 
   Args:
     membership: ``f32[G, K]`` non-negative group weights.
     updates, masks, weights, pack_size: as in the aggregator contract.
 
   Returns:
-    ``(mixed f32[G, d], mixed masks bool[G, n_packs] or None)``.
+    ``(mixed f32[G, d], mixed masks bool[G, n_packs] or None, group weights
+    f32[G])``; a group's weight is the sum of ``membership * weights`` over
+    its finite members.
   """
   ok = finite_rows(updates)
   x = zero_rows(updates, ok)
-  w = (membership * weights[None, :]).astype(x.dtype)
-  tainted = jnp.any((membership > 0) & ~ok[None, :], axis=1)
+  w_ok = jnp.where(ok, weights, jnp.zeros((), weights.dtype)).astype(x.dtype)
+  w = membership * w_ok[None, :]
+  empty = ~jnp.any((membership > 0) & ok[None, :], axis=1)
   num = jnp.matmul(w, x, precision=_HIGHEST)
   if masks is None:
     den = jnp.sum(w, axis=1)[:, None]
@@ -183,4 +188,5 @@ def mix(membership: Array, updates: Array, masks: Optional[Array], weights: Arra
     den = expand_pack_mask(den_packs, pack_size, x.shape[1])
     mixed_masks = den_packs > 0
   mixed = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-  return jnp.where(tainted[:, None], jnp.nan, mixed), mixed_masks
+  return (jnp.where(empty[:, None], jnp.nan, mixed), mixed_masks,
+          membership.astype(x.dtype) @ w_ok)

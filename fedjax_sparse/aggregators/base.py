@@ -141,6 +141,9 @@ def combine(updates: Array, masks: Optional[Array], weights: Array,
   there (ALGORITHMS.md section 1; the paper lets each client refill them
   locally, which would give every client a different model).
 
+  Rows with ``inf``/``nan`` are absent (see :func:`combine_finite`, which also
+  says which rows were used).
+
   Args:
     updates: ``f32[K, d]``; with masks, the dense view (zero off-mask).
     masks: ``bool[K, n_packs]`` or ``None``.
@@ -151,6 +154,47 @@ def combine(updates: Array, masks: Optional[Array], weights: Array,
   Returns:
     ``f32[d]``.
   """
+  return combine_finite(updates, masks, weights, acceptance, pack_size)[0]
+
+
+def combine_finite(updates: Array, masks: Optional[Array], weights: Array,
+                   acceptance: Array, pack_size: int = 1) -> tuple[Array, Array]:
+  """:func:`combine` with the rows that hold ``inf``/``nan`` left out.
+
+  The one place where the weighted means of the library meet non-finite
+  uploads: a client may send ``inf`` or ``nan`` (a diverged local model, an
+  attack), and ``w @ updates`` would spread it to the whole result, even
+  with ``w_i = 0`` (``0 * inf = nan``). Such a row is treated as absent:
+  zeroed with ``jnp.where`` (never multiplied by 0) and given acceptance 0,
+  and the others are averaged as if it had not been sent. Finite rows are
+  averaged exactly as before: the plain product is computed first and only
+  when its result is not finite (which happens exactly when some row holds
+  ``inf``/``nan``, or when finite rows overflow the ``f32`` range) is it
+  recomputed without the non-finite rows (``lax.cond``: a check of ``d``
+  values in the common case, not another pass over the ``K x d`` updates).
+  Under ``vmap`` with batched updates both branches run.
+
+  Returns:
+    ``(f32[d] average, f32[K] acceptance)``: the acceptance as given, 0 for
+    the rows left out.
+  """
+  acceptance = acceptance.astype(updates.dtype)
+  out = _combine(updates, masks, weights, acceptance, pack_size)
+
+  def without_nonfinite_rows(_):
+    ok = jnp.all(jnp.isfinite(updates), axis=1)
+    used = jnp.where(ok, acceptance, jnp.zeros((), acceptance.dtype))
+    clean = jnp.where(ok[:, None], updates, jnp.zeros((), updates.dtype))
+    return _combine(clean, masks, weights, used, pack_size), used
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(out)),
+                      lambda _: (out, acceptance), without_nonfinite_rows,
+                      None)
+
+
+def _combine(updates: Array, masks: Optional[Array], weights: Array,
+             acceptance: Array, pack_size: int) -> Array:
+  """:func:`combine`'s arithmetic, for rows known (or hoped) to be finite."""
   w = (weights * acceptance).astype(updates.dtype)
   if masks is None:
     total = jnp.sum(w)

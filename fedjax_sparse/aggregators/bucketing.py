@@ -9,8 +9,10 @@ mask is the union of theirs. A bucket's weight is the sum of its members'.
 
 The base rule sees ``ctx.num_clients`` = number of buckets and the same
 ``ctx.num_byzantine``: each Byzantine client spoils at most one bucket. Give
-the base its own ``f`` to assume otherwise. A bucket with an inf/nan member
-becomes a NaN row for the base. Each client's acceptance is its bucket's.
+the base its own ``f`` to assume otherwise. A member with inf/nan is absent
+from its bucket's average and weight (:func:`._common.mix`); a bucket of
+such members only is a NaN row for the base. Each client's acceptance is
+its bucket's.
 """
 
 from __future__ import annotations
@@ -50,9 +52,8 @@ def bucketing(base: Aggregator, s: int = 2) -> Aggregator:
         jnp.arange(k, dtype=jnp.int32) // s)
     membership = (bucket[None, :] == jnp.arange(n_buckets)[:, None]).astype(
         updates.dtype)
-    mixed, mixed_masks = _common.mix(membership, updates, masks, weights,
-                                     ctx.pack_size)
-    bucket_weights = membership @ weights.astype(updates.dtype)
+    mixed, mixed_masks, bucket_weights = _common.mix(
+        membership, updates, masks, weights, ctx.pack_size)
     out, state = base.apply(state, mixed, mixed_masks, bucket_weights, key_base,
                             ctx.replace(num_clients=n_buckets))
     diagnostics = dict(out.diagnostics, bucket=bucket)

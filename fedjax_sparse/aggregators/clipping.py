@@ -14,6 +14,13 @@ feedback and top-k (``sparsefed(clip_norm=L, k=d, rho=0)``), the ablation
 Under sparse uploads the norm is that of the zero-filled dense view (the
 values the client sent) and the mean is FLARE's sparse aggregation (Alg. 2),
 as for FedAvg (:func:`~fedjax_sparse.aggregators.combine`).
+
+Non-finite and huge rows: norms are computed without overflow, so a row at
+``1e30`` is clipped to norm ``L`` like any other; a row with ``inf``/``nan`` has
+no norm and is left out of the mean (acceptance 0; see
+:func:`~fedjax_sparse.sparsify.clip_by_l2_norm` and
+:func:`~fedjax_sparse.aggregators.base.combine_finite`). The output is a mean
+of rows of norm at most ``L``, so its norm is at most ``L`` whatever is sent.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import math
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.sparsify._common import check_clip_config, clip_by_l2_norm
 
@@ -60,8 +67,9 @@ def clipping(clip_norm: float = 5.0, weighted: bool = True) -> Aggregator:
     else:
       clipped, scale = clip_by_l2_norm(updates, clip_norm)
     w = weights if weighted else jnp.ones_like(weights)
-    acceptance = jnp.ones((k,), updates.dtype)
-    update = combine(clipped, masks, w, acceptance, ctx.pack_size)
+    update, acceptance = combine_finite(clipped, masks, w,
+                                        jnp.ones((k,), updates.dtype),
+                                        ctx.pack_size)
     return AggOut(update, acceptance, {"clip_scale": scale}), state
 
   return Aggregator(init, apply)

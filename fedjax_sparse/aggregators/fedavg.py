@@ -2,13 +2,20 @@
 
 Under sparse uploads both reduce to FLARE's sparse aggregation (Alg. 2) with
 every client accepted (ALGORITHMS.md sections 1 and 4).
+
+Non-finite and huge rows: a row with ``inf``/``nan`` is left out of the mean
+(acceptance 0; :func:`~fedjax_sparse.aggregators.base.combine_finite`), so
+the output is finite whatever the others send. A mean is not robust and
+does not try to be: finite rows are averaged as sent, so one row at ``1e30``
+moves the output by ``1e30 w_i / sum_j w_j`` (finite, not bounded by the
+other rows).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -21,8 +28,8 @@ def _make(weighted: bool) -> Aggregator:
   def apply(state, updates, masks, weights, key, ctx):
     del key
     w = weights if weighted else jnp.ones_like(weights)
-    acceptance = jnp.ones((updates.shape[0],), updates.dtype)
-    update = combine(updates, masks, w, acceptance, ctx.pack_size)
+    ones = jnp.ones((updates.shape[0],), updates.dtype)
+    update, acceptance = combine_finite(updates, masks, w, ones, ctx.pack_size)
     return AggOut(update, acceptance, {}), state
 
   return Aggregator(init, apply)

@@ -13,13 +13,19 @@ steps in ``ctx.extra["local_steps"]``; FedNova is one of the training-side
 baselines of class_aware_masking.txt (ALGORITHMS.md section 4). Under sparse
 uploads the per-coordinate normalisation of FLARE's Alg. 2 is applied to the
 step-normalised updates.
+
+Non-finite rows and weights: a row with ``inf``/``nan`` is left out (acceptance
+0; :func:`~fedjax_sparse.aggregators.base.combine_finite`) and ``p`` is
+renormalised over the other clients; with all weights 0 the update is 0.
+Like FedAvg the rule is a mean: its output is finite, not bounded by the
+honest rows (a finite row at ``1e30`` is averaged in).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -37,15 +43,26 @@ def fednova() -> Aggregator:
       raise ValueError("fednova needs the clients' local step counts in "
                        "ctx.extra['local_steps'] (the round step provides them)")
     tau = jnp.maximum(ctx.extra["local_steps"].astype(updates.dtype), 1.0)
-    p = weights / jnp.sum(weights)
-    tau_eff = jnp.sum(p * tau)
-    acceptance = jnp.ones_like(weights)
+    total = jnp.sum(weights)
+    # All weights 0: nothing to average (0, not 0 / 0).
+    p = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
     # combine() normalises by sum_i (w_i / tau_i); undo that to get
     # sum_i p_i u_i / tau_i.
     w_norm = p / tau
-    update = combine(updates, masks, w_norm, acceptance, ctx.pack_size)
+    update, acceptance = combine_finite(updates, masks, w_norm,
+                                        jnp.ones_like(weights), ctx.pack_size)
+    used = acceptance > 0
     if masks is None:
-      update = update * jnp.sum(w_norm)
+      update = update * jnp.sum(jnp.where(used, w_norm, 0.0))
+    tau_eff = jnp.sum(jnp.where(used, p, 0.0) * tau)
+    # Rows left out (inf/nan): p renormalised over the others. With every row
+    # used the factor is exactly 1 (the numbers of finite rounds unchanged).
+    kept = jnp.sum(jnp.where(used, p, 0.0))
+    renorm = jnp.where(jnp.all(used) | ~(kept > 0), 1.0,
+                       1.0 / jnp.where(kept > 0, kept, 1.0))
+    tau_eff = tau_eff * renorm
+    if masks is None:
+      update = update * renorm
     update = tau_eff * update
     return AggOut(update, acceptance, {"tau_eff": tau_eff}), state
 

@@ -9,8 +9,13 @@ the union of theirs. Each mixed update keeps its client's weight.
 
 Distances are those of the zero-filled dense vectors, from the Gram matrix
 (:func:`._common.pairwise_sq_dists`); inf/nan rows are infinitely far, so with
-at most ``f`` of them no finite row mixes one in, and their own mixed rows
-are NaN for the base. Acceptance is the base's, client by client.
+at most ``f`` of them no finite row mixes one in. Non-finite rows (ours): a
+row with ``inf``/``nan`` is absent from every average (:func:`._common.mix`),
+so with more than ``f`` of them (or ``f = 0``, where every client mixes all
+``K`` rows) one ``nan`` coordinate does not spoil the other clients' mixed
+rows; the mixed row of a client that sent ``inf``/``nan`` is itself NaN, an
+outlier for the base (left out by the means). Acceptance is the base's,
+client by client.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def nnm(base: Aggregator, f: Optional[int] = None) -> Aggregator:
     nearest = jnp.argsort(d2, axis=1, stable=True)[:, :n_mix]
     membership = jnp.zeros((k, k), updates.dtype).at[
         jnp.arange(k)[:, None], nearest].set(1.0)
-    mixed, mixed_masks = _common.mix(membership, updates, masks, weights,
-                                     ctx.pack_size)
+    mixed, mixed_masks, _ = _common.mix(membership, updates, masks, weights,
+                                        ctx.pack_size)
+    # A client that sent inf/nan has no mixed row of its own (ours).
+    mixed = jnp.where(_common.finite_rows(updates)[:, None], mixed, jnp.nan)
     out, state = base.apply(state, mixed, mixed_masks, weights, key, ctx)
     return AggOut(out.update, out.acceptance, out.diagnostics), state
 

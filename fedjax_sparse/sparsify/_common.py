@@ -24,6 +24,17 @@ def clip_by_l2_norm(updates: Array, max_norm) -> tuple[Array, Array]:
   ``u_i <- u_i * min(1, L / ||u_i||_2)``; rows with norm 0 and ``L = inf``
   are left unchanged.
 
+  Huge and non-finite rows: the squares of entries above ~1.8e19 overflow
+  ``f32``; when a row's plain norm is not finite it is recomputed with scaling
+  (:func:`fedjax_sparse.aggregators._common.safe_norm`, under ``lax.cond`` so
+  that rounds without such rows compute exactly what they always did), so a
+  row at ``1e30`` is clipped to norm ``L`` like any other (and its product
+  with the tiny factor is taken in two steps, never through a subnormal); a
+  row whose norm exceeds the ``f32`` range (entries near ``3e38``) becomes 0.
+  A row with ``inf``/``nan`` has no norm: it comes out non-finite, and the
+  means that follow leave such rows out
+  (:func:`fedjax_sparse.aggregators.base.combine_finite`).
+
   Args:
     updates: ``f32[..., d]``.
     max_norm: ``L``, a Python float or a traced scalar (``inf``: no clipping).
@@ -33,8 +44,26 @@ def clip_by_l2_norm(updates: Array, max_norm) -> tuple[Array, Array]:
   """
   norms = jnp.sqrt(jnp.sum(jnp.square(updates), axis=-1))
   max_norm = jnp.asarray(max_norm, updates.dtype)
-  scale = jnp.where(norms > max_norm, max_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
-  return updates * scale[..., None], scale
+
+  def plain(norms):
+    scale = jnp.where(norms > max_norm,
+                      max_norm / jnp.where(norms > 0, norms, 1.0), 1.0)
+    return updates * scale[..., None], scale
+
+  def rescaled(norms):
+    from fedjax_sparse.aggregators._common import safe_norm  # no import cycle
+    over = ~jnp.isfinite(norms)
+    norms = jnp.where(over, safe_norm(updates), norms)
+    clipped, scale = plain(norms)
+    # u * (L / ||u||) in two steps: L / ||u|| is subnormal (flushed to 0 on
+    # CPU) for ||u|| above ~1e38 / L.
+    root = jax.lax.rsqrt(jnp.where(norms > 0, norms, 1.0))
+    two_step = ((updates * root[..., None]) * root[..., None]) * max_norm
+    clipped = jnp.where((over & (norms > max_norm))[..., None], two_step,
+                        clipped)
+    return clipped, scale
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(norms)), plain, rescaled, norms)
 
 
 def check_k_spec(k) -> None:

@@ -38,6 +38,10 @@ Notes:
 * ``mode="true_topk"`` runs the same steps with exact ``f32[d]`` vectors in
   place of sketches: zeroing the selected coordinates of ``W`` is ``W -
   Delta``, so this is SparseFed (tested).
+* Non-finite and huge rows (ours), as in SparseFed: a row at ``1e30`` is
+  clipped to norm ``L``, a row with ``inf``/``nan`` is left out of the mean
+  (acceptance 0), so the sketches never hold ``nan``. With clipping every
+  cell of ``S`` is at most ``||u||_1 <= sqrt(d) L``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.sparsify import comm
 from fedjax_sparse.sparsify._common import (check_clip_config, check_k_spec,
@@ -258,7 +262,7 @@ def fetchsgd(rows: int = 5, cols: Optional[int] = None, k=None, rho: float = 0.9
       clipped, scale = clip_by_l2_norm(updates, lim)
     del masks  # clients upload sketches of their dense updates
     w = weights if weighted else jnp.ones((clipped.shape[0],), clipped.dtype)
-    u = combine(clipped, None, w, jnp.ones_like(w))
+    u, acceptance = combine_finite(clipped, None, w, jnp.ones_like(w))
     if mode == "sketch":
       sk = make_sketch(d)
       momentum = rho * state.momentum + sk.sketch(u)
@@ -279,7 +283,6 @@ def fetchsgd(rows: int = 5, cols: Optional[int] = None, k=None, rho: float = 0.9
       delta = jnp.where(selected, error, 0.0)
       error = jnp.where(selected, 0.0, error)
       momentum = jnp.where(selected, 0.0, momentum)
-    acceptance = jnp.ones((updates.shape[0],), updates.dtype)
     diagnostics = {"clip_scale": scale,
                    "clip_norm": jnp.asarray(lim, jnp.float32),
                    "error_norm": jnp.linalg.norm(error)}

@@ -37,6 +37,14 @@ Choices (each one setting away from the paper):
 * Adaptive clipping (App. B.2): ``L_t = L * lr(t)`` with ``lr`` from
   ``lr_schedule(ctx.round)`` when given, else from the traced scalar
   ``ctx.extra["lr"]`` that the round step passes in.
+* Non-finite and huge rows (ours): a row at ``1e30`` is clipped to norm ``L``
+  (norms without overflow, :func:`~fedjax_sparse.sparsify.clip_by_l2_norm`);
+  a row with ``inf``/``nan`` is left out of the mean (acceptance 0,
+  :func:`~fedjax_sparse.aggregators.base.combine_finite`), so no ``nan`` ever
+  enters ``R`` or ``W``, which would keep it forever. With clipping, ``||u||
+  <= L``, ``||R|| <= L / (1 - rho)`` and ``||Delta_t|| <= ||W_t|| <= t L / (1 -
+  rho)`` whatever is sent; without it (``clip_norm=inf``) SparseFed averages
+  finite rows as sent, like FedAvg.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.sparsify._common import (check_clip_config, check_k_spec,
                                             check_rho, clip_by_l2_norm,
@@ -72,11 +80,13 @@ class SparseFedState:
 
 
 def _client_mean(clipped: Array, masks, weights: Array, weighted: bool,
-                mask_aware: bool, pack_size: int) -> Array:
-  """The round's aggregate ``u`` (unweighted mean unless ``weighted``)."""
+                mask_aware: bool, pack_size: int) -> tuple[Array, Array]:
+  """The round's aggregate ``u`` (unweighted mean unless ``weighted``) and
+  the acceptance (0 for rows with inf/nan, left out of the mean)."""
   w = weights if weighted else jnp.ones((clipped.shape[0],), clipped.dtype)
   ones = jnp.ones((clipped.shape[0],), clipped.dtype)
-  return combine(clipped, masks if mask_aware else None, w, ones, pack_size)
+  return combine_finite(clipped, masks if mask_aware else None, w, ones,
+                        pack_size)
 
 
 @register("sparsefed")
@@ -129,14 +139,14 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
       clipped, scale = updates, jnp.ones((updates.shape[0],), updates.dtype)
     else:
       clipped, scale = clip_by_l2_norm(updates, lim)
-    u = _client_mean(clipped, masks, weights, weighted, mask_aware, ctx.pack_size)
+    u, acceptance = _client_mean(clipped, masks, weights, weighted, mask_aware,
+                                 ctx.pack_size)
     momentum = rho * state.momentum + u
     error = state.error + momentum
     selected = topk_mask(error, kk, topk_method)
     delta = jnp.where(selected, error, 0.0)
     error = error - delta
     momentum = jnp.where(selected, 0.0, momentum)
-    acceptance = jnp.ones((updates.shape[0],), updates.dtype)
     diagnostics = {"clip_scale": scale,
                    "clip_norm": jnp.asarray(lim, jnp.float32),
                    "error_norm": jnp.linalg.norm(error)}
