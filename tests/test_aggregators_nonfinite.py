@@ -190,3 +190,17 @@ def test_bucketing_averages_the_finite_members_of_a_bucket():
   u[2] = np.nan
   out, _, _ = run("fedavg", u, pre=(("bucketing", (("s", 2),)),))
   assert np.all(np.isfinite(out)), out
+
+
+@pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan_fast", "gas"])
+def test_krum_rules_need_2f_plus_3(name):
+  # K = 2f + 1: f copies of one far vector score 0 and used to be selected.
+  u = _honest(0, k=7)
+  u[:3] = 50.0
+  hp = (("p", 2),) if name == "gas" else ()
+  with pytest.raises(ValueError, match=r"K >= 2f \+ 3.*K=7, f=3"):
+    run(name, u, f=3, hp=hp)
+  u[2] = _honest(1, k=1)[0]
+  out, _, _ = run(name, u, f=2, hp=hp)  # K = 2f + 3, two copies
+  h = u[2:]
+  assert np.all((out >= h.min(0) - 1e-6) & (out <= h.max(0) + 1e-6)), out

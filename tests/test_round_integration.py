@@ -151,8 +151,9 @@ def test_data_attack_poisons_only_malicious_clients():
 
 def test_detection_counts_with_krum():
   mal = np.array([True, True, False, False, False, False])
-  cfg = dataclasses.replace(BASE, attack_start=1, num_byzantine=2)
-  data, _, step, st = _make(cfg, agg_name="multi_krum",
+  cfg = dataclasses.replace(BASE, attack_start=1, num_byzantine=1)
+  # K = 6 allows f <= 1 (Krum: K >= 2f + 3); m = 4 keeps four of the six.
+  data, _, step, st = _make(cfg, agg=aggregators.get("multi_krum")(m=4),
                             update_attack=attacks.get_update_attack("scaling")(),
                             malicious=mal)
   st, m = step(st, data)

@@ -129,6 +129,22 @@ def pairwise_sq_dists(updates: Array) -> Array:
   return jnp.where(jnp.eye(k, dtype=bool), 0.0, d2)
 
 
+def check_krum_size(k: int, f: int, name: str) -> None:
+  """Raises ValueError unless ``K >= 2f + 3`` (Blanchard et al., 2017).
+
+  Krum's resilience (Blanchard et al., 2017, Prop. 1) needs ``n > 2f + 2``.
+  With ``K <= 2f + 2`` the ``K - f - 2`` nearest neighbours of a Byzantine
+  update can all be Byzantine: ``f`` copies of one vector score 0 at ``K =
+  2f + 1`` and are selected wherever they are.
+  """
+  if k < 2 * f + 3:
+    raise ValueError(
+        f"{name}: Krum needs K >= 2f + 3 updates (Blanchard et al., 2017: "
+        f"n > 2f + 2, so that K - f - 2 nearest neighbours include an honest "
+        f"one); got K={k}, f={f} (K - f - 2 = {k - f - 2}): lower f "
+        "(--num_byzantine, or the rule's f) or sample more clients per round")
+
+
 def krum_scores(d2: Array, n_nearest: int) -> Array:
   """Krum score: sum of the squared distances to the ``n_nearest`` nearest others.
 

@@ -48,10 +48,11 @@ ALGORITHMS.md section 4 described): stage 1 is one-shot Multi-Krum (the
 neighbours, no re-scoring as the pool shrinks) and stage 2 the
 coordinate-wise trimmed mean of the selected updates, dropping ``b = min(f,
 (n_sel - 1) // 2)`` values per side (i.e. averaging the middle ``n_sel - 2b``
-values, not the ``beta`` closest to the median). It needs only ``K > 2f`` and
-``K - f - 2 >= 1``, and supports ``mask_aware=True`` (ours: stage 2 over
-each coordinate's contributors among the selected clients, see
-:mod:`.trimmed_mean`).
+values, not the ``beta`` closest to the median). It needs only Krum's ``K >=
+2f + 3`` (Blanchard et al., 2017; at ``K = 2f + 1`` ``f`` copies of one
+vector score 0 and would be selected), and supports ``mask_aware=True``
+(ours: stage 2 over each coordinate's contributors among the selected
+clients, see :mod:`.trimmed_mean`).
 
 Escape ratios (hybrid_sparse_attack.txt section 2.4, "each stage
 separately"; ALGORITHMS.md section 7), both rules: when ``ctx.extra``
@@ -266,7 +267,7 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
 
   Args:
     f: Byzantine clients assumed; ``None`` means ``ctx.num_byzantine``. Needs
-      ``K - 2f >= 1`` and ``K - f - 2 >= 1``.
+      ``K >= 2f + 3`` (Multi-Krum's condition).
     mask_aware: trimmed mean over each coordinate's contributors (ours).
 
   Returns:
@@ -284,10 +285,7 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
     k, d = updates.shape
     f_ = _common.resolve_f(f, ctx)
     n_sel = k - 2 * f_
-    if n_sel < 1:
-      raise ValueError(
-          f"bulyan_fast: selects K - 2f = {n_sel} updates (K={k}, f={f_}); "
-          "need K > 2f")
+    _common.check_krum_size(k, f_, "bulyan_fast")
     d2, _ = _distances.pairwise_sq_dists(updates)
     scores = _common.krum_scores(d2, k - f_ - 2)
     order = jnp.argsort(jnp.where(jnp.isnan(scores), jnp.inf, scores),

@@ -8,7 +8,9 @@ of the Euclidean distance from its sub-vector to the group aggregate; the
 ``K - f`` lowest-scored clients are combined with FedAvg / FLARE Alg. 2.
 
 Per-group Krum distances come from per-group Gram matrices after centring
-on the coordinate-wise median, as in :mod:`.krum`. Rows with inf/nan are
+on the coordinate-wise median, as in :mod:`.krum`. Krum's condition ``K >=
+2f + 3`` (Blanchard et al., 2017) is required (ValueError otherwise): with
+``K = 2f + 1`` copies of one vector win every group. Rows with inf/nan are
 infinitely far in every group, never selected by the base rule and scored
 ``inf``. Zero coordinates pad ``d`` up to a multiple of ``p``; they add
 nothing to any distance.
@@ -64,10 +66,7 @@ def gas(base: str = "krum", p: int = 1000, f: Optional[int] = None) -> Aggregato
     k, d = updates.shape
     f_ = _common.resolve_f(f, ctx)
     n_nearest = k - f_ - 2
-    if n_nearest < 1:
-      raise ValueError(f"gas: Krum needs K - f - 2 >= 1 (K={k}, f={f_})")
-    if base == "bulyan" and k - 2 * f_ < 1:
-      raise ValueError(f"gas: Bulyan needs K > 2f (K={k}, f={f_})")
+    _common.check_krum_size(k, f_, "gas")
     groups = min(p, d)
     size = -(-d // groups)
     ok = _common.finite_rows(updates)

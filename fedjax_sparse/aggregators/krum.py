@@ -13,7 +13,12 @@ Distances come from the Gram matrix, ``||a||^2 + ||b||^2 - 2<a, b>`` clamped at
 far rows drag the mean away (see :func:`._distances.pairwise_sq_dists`).
 Rows with inf/nan are infinitely far from all others, so they get an
 infinite score and are never accepted while at least ``m`` rows are finite.
-Ties go to the lower client index.
+Ties go to the lower client index. Both rules need ``K >= 2f + 3``
+(Blanchard et al., 2017, Prop. 1: ``n > 2f + 2``; ValueError otherwise):
+then the accepted updates are honest whatever the ``f`` others send (huge,
+non-finite, or copies of one another), so the output lies in the honest
+updates' coordinate range. At ``K = 2f + 1`` ``f`` copies of one vector would
+score 0 and be selected.
 
 Escape ratio (hybrid_sparse_attack.txt section 2.4, ``e_krum``; ALGORITHMS.md
 section 7): when ``ctx.extra`` carries ``malicious`` (``bool[K]``, for
@@ -40,6 +45,7 @@ def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
     del key
     k = updates.shape[0]
     f_ = _common.resolve_f(f, ctx)
+    _common.check_krum_size(k, f_, name)
     m_ = k - f_ if m is None else m
     if not 1 <= m_ <= k:
       raise ValueError(f"{name}: m must be in [1, K={k}], got m={m_}")
@@ -63,7 +69,7 @@ def krum(f: Optional[int] = None) -> Aggregator:
 
   Args:
     f: Byzantine clients assumed; ``None`` means ``ctx.num_byzantine``.
-      Needs ``K - f - 2 >= 1``.
+      Needs ``K >= 2f + 3`` (Blanchard et al., 2017: ``n > 2f + 2``).
   """
   return _make(f, 1, "krum")
 
@@ -74,6 +80,7 @@ def multi_krum(f: Optional[int] = None, m: Optional[int] = None) -> Aggregator:
 
   Args:
     f: Byzantine clients assumed; ``None`` means ``ctx.num_byzantine``.
+      Needs ``K >= 2f + 3``.
     m: clients accepted; ``None`` means ``K - f``.
   """
   return _make(f, m, "multi_krum")
