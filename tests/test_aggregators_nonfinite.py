@@ -204,3 +204,19 @@ def test_krum_rules_need_2f_plus_3(name):
   out, _, _ = run(name, u, f=2, hp=hp)  # K = 2f + 3, two copies
   h = u[2:]
   assert np.all((out >= h.min(0) - 1e-6) & (out <= h.max(0) + 1e-6)), out
+
+
+@pytest.mark.parametrize("bad", [-1e30, 1e30, np.nan, -np.inf])
+def test_robust_dpfl_does_not_keep_a_huge_row(bad):
+  # One row at -1e30 (local-model score +1e30) used to be the higher
+  # cluster on its own: the output was 1e30.
+  u = _honest()
+  u[1, :] = bad
+  out, acc, _ = run("robust_dpfl", u)
+  assert acc[1] == 0
+  h = np.delete(u, 1, axis=0)
+  assert np.all((out >= h.min(0) - 1e-6) & (out <= h.max(0) + 1e-6)), out
+  # The other clients are split as if the bad row had not been sent.
+  want, acc_h, _ = run("robust_dpfl", h)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  np.testing.assert_array_equal(np.delete(acc, 1), acc_h)
