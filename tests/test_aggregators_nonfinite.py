@@ -220,3 +220,26 @@ def test_robust_dpfl_does_not_keep_a_huge_row(bad):
   want, acc_h, _ = run("robust_dpfl", h)
   np.testing.assert_allclose(out, want, rtol=1e-6)
   np.testing.assert_array_equal(np.delete(acc, 1), acc_h)
+
+
+def test_flguardian_accepts_the_one_client_of_a_round():
+  u = _honest(k=1)
+  out, acc, _ = run("flguardian", u)  # was: "k must be in [1, n=1], got 2"
+  np.testing.assert_allclose(out, u[0])
+  np.testing.assert_array_equal(acc, [1.0])
+
+
+@pytest.mark.parametrize("bad", [1e30, -1e30, np.nan])
+def test_flguardian_leaves_unusable_rows_out_of_the_clustering(bad):
+  # Four identical huge rows among nine used to join a cluster of honest
+  # rows with similar cosines and be averaged in.
+  rs = np.random.RandomState(4)
+  u = (rs.uniform(-3, 3, D) + 10.0 * rs.randn(9, D)).astype(np.float32)
+  h = u[4:].copy()
+  u[:4] = bad
+  out, acc, _ = run("flguardian", u)
+  assert not acc[:4].any()
+  assert np.all((out >= h.min(0) - 1e-5) & (out <= h.max(0) + 1e-5)), out
+  want, acc_h, _ = run("flguardian", h)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  np.testing.assert_array_equal(acc[4:], acc_h)

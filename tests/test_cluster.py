@@ -132,6 +132,25 @@ def test_kmeans_1d_input_and_errors():
     kmeans(x, 6, jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize("init", ["kmeans++", "farthest", "maximin"])
+def test_kmeans_valid_clusters_only_the_valid_points(init):
+  rs = np.random.RandomState(3)
+  x = _blobs(rs, 2, 5, 3)
+  valid = np.ones(10, bool)
+  valid[[1, 7]] = False
+  noisy = x.copy()
+  noisy[1] = 1e6  # far away, but not valid: no seed, no centre moves
+  noisy[7] = -1e6
+  labels, centres = _kmeans(jnp.asarray(noisy), k=2, key=jax.random.PRNGKey(0),
+                            init=init, valid=jnp.asarray(valid))
+  labels = np.asarray(labels)
+  np.testing.assert_array_equal(labels[~valid], -1)
+  assert _same_partition(labels[valid], [0] * 4 + [1] * 4)
+  for c in range(2):
+    np.testing.assert_allclose(centres[c], x[labels == c].mean(0), rtol=1e-5,
+                               atol=1e-5)
+
+
 def _brute_two_means(x):
   s = np.sort(x)
   best, best_t = np.inf, None

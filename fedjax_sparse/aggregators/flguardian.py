@@ -12,8 +12,17 @@ FedAvg / FLARE Alg. 2.
 
 Layers are the leaves of ``ctx.layout`` (the whole vector without one).
 Distances come from Gram matrices after centring on the coordinate-wise
-median; cosines from the Gram matrix of the unit rows. Rows with inf/nan get
-cosine 0 and distance 1 (the maximum) to everyone, and are never accepted.
+median; cosines from the Gram matrix of the unit rows.
+
+Unusable rows (ours): a row with inf/nan, or whose squared norm overflows
+``f32`` (entries beyond ~1e19, e.g. ``1e30``; the Krum family's convention,
+:mod:`._distances`), gets cosine 0 and distance 1 (the maximum) to everyone,
+is left out of the 2-means (:func:`fedjax_sparse.cluster.kmeans` with
+``valid``: it is never a seed and moves no centre) and is never accepted;
+the cluster sizes and the median trust are those of the usable rows. Without
+this, four identical rows at ``1e30`` among nine joined a cluster of
+honest rows with similar cosines and were averaged in. With ``K = 1`` there
+is nothing to split: the one client is accepted if usable.
 """
 
 from __future__ import annotations
@@ -70,20 +79,29 @@ def flguardian(num_iters: int = 20) -> Aggregator:
     return ()
 
   def apply(state, updates, masks, weights, key, ctx):
+    del key  # maximin seeding needs none
     k, d = updates.shape
-    ok = _common.finite_rows(updates)
+    # inf/nan, or a squared norm beyond f32 (|u| > ~1e19): unusable.
+    ok = jnp.isfinite(jnp.sum(updates * updates, axis=1))
+    if k == 1:  # nothing to split
+      acceptance = ok.astype(jnp.float32)
+      update = _common.combine_accepted(updates, masks, weights, acceptance,
+                                        ctx.pack_size)
+      return AggOut(update, acceptance, {"trust": acceptance}), state
     x = _common.zero_rows(updates, ok)
     centred = x - _order_stats.coordinate_median(x)[None, :]
     slices = ctx.layout.slices() if ctx.layout is not None else [slice(0, d)]
     features = jnp.stack([_layer_features(x[:, sl], centred[:, sl], ok)
                           for sl in slices])
-    del key  # maximin seeding needs none
     labels, _ = jax.vmap(
         lambda f: kmeans(f, 2, jax.random.PRNGKey(0), num_iters=num_iters,
-                         init="maximin"))(features)
+                         init="maximin", valid=ok))(features)
     size1 = jnp.sum(labels == 1, axis=1)
-    # Larger cluster; on a tie, the cluster of client 0.
-    benign_label = jnp.where(2 * size1 > k, 1, jnp.where(2 * size1 < k, 0, labels[:, 0]))
+    size0 = jnp.sum(labels == 0, axis=1)
+    # Larger cluster; on a tie, the cluster of the first usable client.
+    first = jnp.argmax(ok)
+    benign_label = jnp.where(size1 > size0, 1,
+                             jnp.where(size1 < size0, 0, labels[:, first]))
     benign = labels == benign_label[:, None]
     trust = jnp.where(ok, jnp.mean(benign.astype(jnp.float32), axis=0), 0.0)
     median_trust = jnp.nanmedian(jnp.where(ok, trust, jnp.nan))

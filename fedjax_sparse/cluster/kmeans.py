@@ -30,38 +30,56 @@ def _sq_dists(x: Array, centres: Array) -> Array:
   return jnp.sum(diff * diff, axis=-1)
 
 
-def _init_centres(x: Array, k: int, key: Array, init: str) -> Array:
+def _init_centres(x: Array, k: int, key: Array, init: str,
+                  valid: Optional[Array] = None) -> Array:
   n = x.shape[0]
   if init == "maximin":
-    first = jnp.argmax(jnp.sum((x - jnp.mean(x, axis=0)) ** 2, axis=-1))
-  else:
+    if valid is None:
+      first = jnp.argmax(jnp.sum((x - jnp.mean(x, axis=0)) ** 2, axis=-1))
+    else:
+      mean = (jnp.sum(jnp.where(valid[:, None], x, 0.0), axis=0)
+              / jnp.maximum(jnp.sum(valid), 1))
+      first = jnp.argmax(jnp.where(valid, jnp.sum((x - mean) ** 2, axis=-1),
+                                   -jnp.inf))
+  elif valid is None:
     first = jax.random.randint(key, (), 0, n)
+  else:
+    first = jax.random.choice(key, n, p=valid / jnp.maximum(jnp.sum(valid), 1))
   centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
   d2 = jnp.sum((x - x[first]) ** 2, axis=-1)
+  if valid is not None:  # invalid points are never chosen
+    d2 = jnp.where(valid, d2, 0.0)
 
   def body(c, carry):
     centres, d2, key = carry
     key, sub = jax.random.split(key)
     if init == "kmeans++":
       total = jnp.sum(d2)
-      probs = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), 1.0 / n)
+      uniform = (1.0 / n if valid is None
+                 else valid / jnp.maximum(jnp.sum(valid), 1))
+      probs = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), uniform)
       nxt = jax.random.choice(sub, n, p=probs)
     else:  # farthest point ("farthest", "maximin")
-      nxt = jnp.argmax(d2)
+      nxt = jnp.argmax(d2 if valid is None else jnp.where(valid, d2, -1.0))
     centres = centres.at[c].set(x[nxt])
     d2 = jnp.minimum(d2, jnp.sum((x - x[nxt]) ** 2, axis=-1))
+    if valid is not None:
+      d2 = jnp.where(valid, d2, 0.0)
     return centres, d2, key
 
   centres, _, _ = lax.fori_loop(1, k, body, (centres, d2, key))
   return centres
 
 
-def _lloyd(x: Array, centres: Array, num_iters: int):
+def _lloyd(x: Array, centres: Array, num_iters: int,
+           valid: Optional[Array] = None):
   k = centres.shape[0]
 
   def step(_, centres):
     labels = jnp.argmin(_sq_dists(x, centres), axis=1)
     onehot = jax.nn.one_hot(labels, k, dtype=x.dtype)
+    if valid is not None:
+      onehot = jnp.where(valid[:, None], onehot, 0.0)
     counts = jnp.sum(onehot, axis=0)
     sums = onehot.T @ x
     # An empty cluster keeps its previous centre.
@@ -71,12 +89,17 @@ def _lloyd(x: Array, centres: Array, num_iters: int):
   centres = lax.fori_loop(0, num_iters, step, centres)
   d2 = _sq_dists(x, centres)
   labels = jnp.argmin(d2, axis=1).astype(jnp.int32)
-  inertia = jnp.sum(jnp.min(d2, axis=1))
+  if valid is None:
+    inertia = jnp.sum(jnp.min(d2, axis=1))
+  else:
+    inertia = jnp.sum(jnp.where(valid, jnp.min(d2, axis=1), 0.0))
+    labels = jnp.where(valid, labels, -1)
   return labels, centres, inertia
 
 
 def kmeans(x: Array, k: int, key: Array, num_iters: int = 50,
-           init: str = "kmeans++", n_init: int = 1) -> tuple[Array, Array]:
+           init: str = "kmeans++", n_init: int = 1,
+           valid: Optional[Array] = None) -> tuple[Array, Array]:
   """k-means clustering of ``n`` points.
 
   Args:
@@ -90,6 +113,10 @@ def kmeans(x: Array, k: int, key: Array, num_iters: int = 50,
       randomness, and the result does not depend on the order of the points
       unless distances tie).
     n_init: independent seedings run in parallel; the lowest inertia wins.
+    valid: optional ``bool[n]``: only these points are clustered (fixed
+      shapes: the others are never a seed, count in no centre or inertia,
+      and get label ``-1``). Rows of ``x`` outside it may hold anything
+      finite. With fewer than ``k`` valid points some centres repeat.
 
   Returns:
     ``(labels int32[n], centres f32[k, p])``.
@@ -104,8 +131,12 @@ def kmeans(x: Array, k: int, key: Array, num_iters: int = 50,
   if not 1 <= k <= x.shape[0]:
     raise ValueError(f"k must be in [1, n={x.shape[0]}], got {k}")
 
+  if valid is not None:
+    valid = jnp.asarray(valid, bool)
+    x = jnp.where(valid[:, None], x, 0.0)
+
   def run(key):
-    return _lloyd(x, _init_centres(x, k, key, init), num_iters)
+    return _lloyd(x, _init_centres(x, k, key, init, valid), num_iters, valid)
 
   labels, centres, inertia = jax.vmap(run)(jax.random.split(key, n_init))
   best = jnp.argmin(inertia)
