@@ -274,3 +274,15 @@ def test_binary_help_describes_every_config_flag():
     # No flag falls back to its bare name as help.
     assert f"--{name}: {name}\n" not in r.stdout, name
   assert "--lr_decay_at: Step decay" in r.stdout
+
+
+@pytest.mark.parametrize("attack,args,space", [
+    ("scaling", "space=model", "model"), ("scaling", "", "update"),
+    ("gna", "space=model", "model"), ("ipm", "", None)])
+def test_round_records_say_which_threat_model_ran(tmp_path, attack, args, space):
+  cfg = dataclasses.replace(SMALL, output_dir=str(tmp_path), rounds=2,
+                            attack=attack, attack_args=args,
+                            malicious_fraction=0.34, attack_start=1)
+  run_experiment(cfg, progress=False)
+  for rec in io.read_jsonl(tmp_path / "rounds.jsonl"):
+    assert rec.get("attack_space") == space

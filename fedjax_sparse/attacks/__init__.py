@@ -37,7 +37,8 @@ from fedjax_sparse.attacks.targeted import (make_auxiliary_set, pgd_update,
                                             project_l2_ball, targeted_pgd)
 from fedjax_sparse.attacks.builder import (AUX_SOURCES, MASK_OPTIONS,
                                            TARGETED_OPTIONS, TargetedAux,
-                                           accepted_arguments, build_update_attack,
+                                           accepted_arguments, attack_space,
+                                           build_update_attack,
                                            parse_caps, takes_mask,
                                            targeted_auxiliary_data,
                                            targeted_auxiliary_set)
@@ -61,7 +62,7 @@ __all__ = [
     "bottomk_mask", "c_lasa", "dhsa", "dhsa_solve", "direction_sign", "hsa",
     "stabilization_threshold",
     "AUX_SOURCES", "MASK_OPTIONS", "TARGETED_OPTIONS", "TargetedAux",
-    "accepted_arguments", "build_update_attack", "parse_caps", "takes_mask",
+    "accepted_arguments", "attack_space", "build_update_attack", "parse_caps", "takes_mask",
     "targeted_auxiliary_data", "targeted_auxiliary_set",
     "index_poisoning", "malicious_contributor_ratio",
     "make_auxiliary_set", "pgd_update", "project_l2_ball", "targeted_pgd",

@@ -376,6 +376,22 @@ def targeted_auxiliary_data(options: Optional[Mapping[str, Any]] = None, *,
   return TargetedAux(x, y, None)
 
 
+def attack_space(name: str, kwargs: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+  """The threat model an update attack runs in: ``"model"`` or ``"update"``.
+
+  For attacks whose factory takes ``space`` (ALGORITHMS.md section 5), the
+  value in ``kwargs`` or the factory's default; None for every other attack
+  (data attacks included).
+  """
+  from fedjax_sparse.attacks.registry import is_update_attack
+  if not is_update_attack(name):
+    return None
+  params = inspect.signature(get_update_attack(name)).parameters
+  if "space" not in params:
+    return None
+  return str((kwargs or {}).get("space", params["space"].default))
+
+
 def build_update_attack(name: str, kwargs: Optional[Mapping[str, Any]] = None, *,
                         layout: Layout, params: PyTree, apply_fn: Callable,
                         attacker_x, attacker_y, key: jax.Array, num_classes: int,

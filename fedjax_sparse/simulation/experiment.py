@@ -574,6 +574,10 @@ def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
         "num_malicious": n_mal,
         "tpr": int(get("flagged_malicious")) / n_mal if n_mal else None,
         "fpr": int(get("flagged_benign")) / n_ben if n_ben else None})
+    from fedjax_sparse.attacks import attack_space
+    space = attack_space(cfg.attack, parse_kwargs(cfg.attack_args, "attack_args"))
+    if space is not None:
+      rec["attack_space"] = space
   return rec
 
 
