@@ -263,3 +263,34 @@ def test_inside_the_round_step():
   for c in range(NUM_CLIENTS):
     assert (c in sampled) == bool(np.any(masks[c] < 1.0))
   assert np.all(np.isfinite(ravel_pytree(state.params)[0]))
+
+
+def test_local_models_are_evaluated_with_their_own_batchnorm_statistics():
+  """With BatchNorm, LM_i is evaluated with client i's statistics
+  (ctx.client_model_state), not the ones given at construction."""
+  model = get_model("mlp_bn", C, width=(8,))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 4, 4, 1)))
+  flat, unravel = ravel_pytree(variables["params"])
+  _, _, _, val_x, val_y = _setup()
+  agg = agg_lib.get("class_aware_masking")(
+      model.apply, unravel, val_x, val_y, NUM_CLIENTS, mode="delta",
+      model_state={"batch_stats": variables["batch_stats"]})
+  rs = np.random.RandomState(3)
+  updates = jnp.asarray(rs.randn(K, flat.size) * 0.1, jnp.float32)
+  ctx = _ctx(flat, [0, 1, 2, 3])
+  stats = variables["batch_stats"]
+  # Client statistics far from the initial (mean 0, var 1) ones.
+  shifted = jax.tree.map(
+      lambda a: jnp.stack([a + 3.0 * (i + 1) for i in range(K)]), stats)
+  apply = jax.jit(agg.apply)
+  fixed, _ = apply(agg.init(flat.size), updates, None, jnp.ones(K),
+                   jax.random.PRNGKey(0), ctx)
+  own, _ = apply(agg.init(flat.size), updates, None, jnp.ones(K),
+                 jax.random.PRNGKey(0),
+                 ctx.replace(client_model_state={"batch_stats": shifted}))
+  same = jax.tree.map(lambda a: jnp.stack([a] * K), stats)
+  again, _ = apply(agg.init(flat.size), updates, None, jnp.ones(K),
+                   jax.random.PRNGKey(0),
+                   ctx.replace(client_model_state={"batch_stats": same}))
+  np.testing.assert_array_equal(np.asarray(again.update), np.asarray(fixed.update))
+  assert not np.allclose(np.asarray(own.update), np.asarray(fixed.update))

@@ -60,8 +60,11 @@ class AggContext:
   """Everything an aggregator may know besides the updates.
 
   Traced fields: ``round`` (int32 scalar), ``global_params`` (``f32[d]``, the
-  flat global model before this round's update), ``extra`` (a dict of arrays
-  for rules that need more, e.g. FLTrust's server update).
+  flat global model before this round's update), ``client_model_state`` (the
+  sampled clients' non-parameter collections after local training, e.g.
+  BatchNorm statistics, each leaf with a leading ``[K]`` axis; None for
+  models without them), ``extra`` (a dict of arrays for rules that need
+  more, e.g. FLTrust's server update).
   Static fields: ``layout``, ``pack_size``, ``num_byzantine`` (f, the number
   of attackers a rule such as Krum is told to tolerate) and ``num_clients``
   (K).
@@ -69,6 +72,7 @@ class AggContext:
 
   round: Array
   global_params: Optional[Array] = None
+  client_model_state: Optional[PyTree] = None
   extra: dict = flax.struct.field(default_factory=dict)
   layout: Optional[Layout] = flax.struct.field(pytree_node=False, default=None)
   pack_size: int = flax.struct.field(pytree_node=False, default=1)

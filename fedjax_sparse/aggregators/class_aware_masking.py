@@ -137,22 +137,23 @@ def class_aware_masking(apply_fn: Callable[..., Array],
   num_classes, per_class = val_y.shape
   flat_x = val_x.reshape((num_classes * per_class,) + val_x.shape[2:])
   flat_y = val_y.reshape(-1)
-  variables = dict(model_state or {})
+  fixed_state = dict(model_state or {})
 
-  def logits_of(theta, x):
+  def logits_of(theta, variables, x):
     return apply_fn({"params": unravel(theta), **variables}, x, train=False)
 
-  def class_loss(theta, x, y):
+  def class_loss(theta, variables, x, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits_of(theta, x), y))
+        logits_of(theta, variables, x), y))
 
-  def evaluate(theta):
+  def evaluate(args):
     """Dominant class (eq. 3.3) and the loss gradient on it (eq. 3.4)."""
-    correct = jnp.argmax(logits_of(theta, flat_x), axis=-1) == flat_y
+    theta, variables = args
+    correct = jnp.argmax(logits_of(theta, variables, flat_x), axis=-1) == flat_y
     accuracy = jnp.mean(correct.reshape(num_classes, per_class)
                         .astype(jnp.float32), axis=1)
     c_star = jnp.argmax(accuracy).astype(jnp.int32)
-    grad = jax.grad(class_loss)(theta, val_x[c_star], val_y[c_star])
+    grad = jax.grad(class_loss)(theta, variables, val_x[c_star], val_y[c_star])
     return c_star, accuracy[c_star], grad
 
   def init(d):
@@ -175,10 +176,18 @@ def class_aware_masking(apply_fn: Callable[..., Array],
     ok = _common.finite_rows(updates)
     x = _common.zero_rows(updates, ok)
     local = ctx.global_params.astype(x.dtype)[None, :] - x  # LM_i
-    if client_batch is None:
-      c_star, acc, grads = jax.vmap(evaluate)(local)
+    # Each local model LM_i with its own BatchNorm statistics when the round
+    # step provides them; otherwise the statistics given at construction.
+    if ctx.client_model_state is not None:
+      per_client = dict(ctx.client_model_state)
     else:
-      c_star, acc, grads = jax.lax.map(evaluate, local, batch_size=client_batch)
+      per_client = jax.tree.map(
+          lambda a: jnp.broadcast_to(a, (local.shape[0],) + a.shape), fixed_state)
+    if client_batch is None:
+      c_star, acc, grads = jax.vmap(evaluate)((local, per_client))
+    else:
+      c_star, acc, grads = jax.lax.map(evaluate, (local, per_client),
+                                       batch_size=client_batch)
     # Eqs. 3.6-3.7: 1 on the top p fraction of |G_i|, gamma elsewhere.
     top = topk_mask(jnp.abs(grads), num_retained(d, p))
     new = jnp.where(top, jnp.float32(1.0), jnp.float32(gamma))

@@ -483,6 +483,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                          jnp.int32(n_srv), k_server, lr_scale=lr_mult)
       extra["server_update"] = srv.update
     ctx = AggContext(round=state.round, global_params=flat_global,
+                     client_model_state=(out.model_state if has_model_state
+                                         else None),
                      extra=extra, layout=layout, pack_size=pack_size,
                      num_byzantine=cfg.num_byzantine, num_clients=num_k)
     agg_out, agg_state = aggregator.apply(state.agg_state, updates, masks,
