@@ -92,6 +92,9 @@ _HELP = {
     "model": "Model name (mlp, cnn2, lenet, resnet20).",
     "conv_impl": "Convolution implementation: auto, im2col or lax.",
     "norm": "Normalisation of resnet20: group, batch or none.",
+    "model_width": "Layer widths instead of the model's default: mlp hidden "
+                   "widths ('100' or '200,200'), cnn2 '32,64,512'-style "
+                   "tuples, resnet20 the first stage's channels ('8').",
     "engine": "Client engine: vmap, map (lax.map in chunks) or sequential.",
     "map_batch_size": "Clients per chunk of the map engine.",
     "client_devices": "Devices the client axis is split over (0: all local "

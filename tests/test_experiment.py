@@ -71,6 +71,9 @@ def test_resume_refuses_another_configuration(tmp_path):
     (dict(lr_decay_at=-0.25), "lr_decay_at must be in"),
     (dict(lr_decay_at=0.75, lr_decay_factor=0.0), "lr_decay_factor must be > 0"),
     (dict(lr_decay_factor=-1.0), "lr_decay_factor must be > 0"),
+    (dict(model_width="1x2"), "model_width must be integers"),
+    (dict(model_width="0"), "model_width entries must be >= 1"),
+    (dict(model="cnn2", model_width="8"), "cnn2 width must be a sequence of 3"),
     (dict(attack="scaling", attack_args="space=model", malicious_fraction=0.4,
           update_mode="momentum"), "needs clients that upload models"),
 ])
@@ -286,3 +289,17 @@ def test_round_records_say_which_threat_model_ran(tmp_path, attack, args, space)
   run_experiment(cfg, progress=False)
   for rec in io.read_jsonl(tmp_path / "rounds.jsonl"):
     assert rec.get("attack_space") == space
+
+
+def test_model_width_sets_the_hidden_layers(tmp_path):
+  """--model_width=100: the hybrid paper's MLP of about 80k parameters."""
+  import jax
+  from fedjax_sparse.simulation.experiment import Experiment
+  cfg = dataclasses.replace(SMALL, output_dir=str(tmp_path), rounds=1,
+                            model_width="100")
+  summary = run_experiment(cfg, progress=False)
+  kernels = [a.shape for a in jax.tree.leaves(Experiment(cfg).variables["params"])
+             if a.ndim == 2]
+  assert len(kernels) == 2 and kernels[0][1] == 100 and kernels[1][0] == 100
+  d_in, classes = kernels[0][0], kernels[1][1]
+  assert summary["num_params"] == d_in * 100 + 100 + 100 * classes + classes

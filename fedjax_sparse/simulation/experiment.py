@@ -180,6 +180,7 @@ class ExperimentConfig:
   model: str = "mlp"
   conv_impl: str = "auto"
   norm: str = "group"
+  model_width: str = ""
   engine: str = "map"
   map_batch_size: int = 10
   client_devices: int = 0
@@ -281,6 +282,10 @@ class ExperimentConfig:
     if self.model not in models_lib.names():
       raise ValueError(f"unknown model {self.model!r}; known models: "
                        f"{', '.join(models_lib.names())}")
+    if self.model_width:
+      # Builds the module only (no parameters): a width the model cannot
+      # take fails here, before any data is loaded.
+      models_lib.get_model(self.model, 10, width=parse_width(self.model_width))
     if self.conv_impl not in ("auto", "im2col", "lax"):
       raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose auto, "
                        "im2col or lax")
@@ -344,7 +349,8 @@ class Experiment:
       raise ValueError("the federated data has a different number of clients "
                        "than the configuration")
     self.model = models_lib.get_model(cfg.model, self.fd.num_classes,
-                                      conv_impl=cfg.conv_impl, norm=cfg.norm)
+                                      conv_impl=cfg.conv_impl, norm=cfg.norm,
+                                      width=parse_width(cfg.model_width))
     key = jax.random.key(cfg.seed)
     k_init, self.k_state = jax.random.split(key)
     self.variables = self.model.init(k_init, jnp.asarray(self.fd.x_train[:1]),
@@ -557,6 +563,21 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 def _mean(values):
   values = [v for v in values if v is not None]
   return float(np.mean(values)) if values else None
+
+
+def parse_width(text: str):
+  """``--model_width``: "" (the model's default), "100" or "100,100"."""
+  text = text.strip()
+  if not text:
+    return None
+  try:
+    widths = tuple(int(w) for w in text.split(","))
+  except ValueError:
+    raise ValueError(f"--model_width must be integers separated by commas, "
+                     f"got {text!r}") from None
+  if any(w < 1 for w in widths):
+    raise ValueError(f"--model_width entries must be >= 1, got {text!r}")
+  return widths[0] if len(widths) == 1 and "," not in text else widths
 
 
 def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
