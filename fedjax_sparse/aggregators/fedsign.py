@@ -10,6 +10,14 @@ and are combined with FedAvg / FLARE Alg. 2. "At most" rather than "below",
 with a relative tolerance of 1e-6, so that a round of identical densities
 keeps everyone instead of no one. ``sign(nan)`` counts as 0, and a row with
 inf/nan is rejected whatever its density (ours: it cannot be averaged).
+
+Huge rows: the output is finite (the accepted rows are averaged by
+:func:`~fedjax_sparse.aggregators.base.combine`), not bounded by the honest
+rows. The filter sees signs only, never magnitudes, so a finite row whose
+signs look honest (a low density) is averaged in at whatever scale it was
+sent: one row at ``-1e30`` whose signs disagree with the others has the
+lowest density and moves the output by about ``1e30 / (number accepted)``.
+That is the rule (FLARE's FedSign reading), not a numerical accident.
 """
 
 from __future__ import annotations

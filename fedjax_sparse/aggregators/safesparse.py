@@ -41,6 +41,11 @@ on by default (ALGORITHMS.md section 2 marks it as ours), so that benign
 clients with random, barely overlapping masks are all kept; the paper's
 literal rule is ``safesparse(guard=False)``.
 
+Huge rows: the output is finite, not bounded by the honest rows. The filter
+reads masks (step 1) and signs (step 2) only, never magnitudes: a finite row
+at ``1e30`` whose mask and signs pass is averaged in as sent. Rows with
+inf/nan are never accepted (above).
+
 Escape ratio (ALGORITHMS.md section 7): when ``ctx.extra`` carries
 ``malicious`` (``bool[K]``, used for the diagnostic only, never for the
 decision), ``escape_ratio`` is the share of the malicious clients accepted
