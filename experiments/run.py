@@ -73,6 +73,9 @@ _HELP = {
                    "from round floor(lr_decay_at * rounds) (0-based) on, "
                    "both are multiplied by --lr_decay_factor (hybrid "
                    "paper: 0.75). 0: no decay.",
+    "nonfinite": "Uploads holding inf/nan: reject (screened before "
+                 "aggregation: zero row, weight 0, acceptance 0, counted in "
+                 "nonfinite_clients) or propagate (the rule sees them).",
     "lr_decay_factor": "Multiplier of the learning rates after "
                        "--lr_decay_at (0.1: divide by 10).",
     "aggregator": "Aggregation rule (registry name).",

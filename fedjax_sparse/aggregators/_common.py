@@ -40,15 +40,18 @@ def zero_rows(updates: Array, keep: Array) -> Array:
 
 
 def combine_accepted(updates: Array, masks: Optional[Array], weights: Array,
-                     acceptance: Array, pack_size: int) -> Array:
+                     acceptance: Array, pack_size: int,
+                     assume_finite: bool = False) -> Array:
   """:func:`combine` after zeroing the rows with zero acceptance.
 
   ``combine`` multiplies the updates by ``weights * acceptance``; a rejected
-  ``inf``/``nan`` row would turn that product into NaN.
+  ``inf``/``nan`` row would turn that product into NaN. An accepted one is
+  left out by :func:`combine` itself (unless ``assume_finite``, i.e.
+  ``ctx.finite_uploads``).
   """
   acceptance = acceptance.astype(updates.dtype)
   return combine(zero_rows(updates, acceptance > 0), masks, weights, acceptance,
-                 pack_size)
+                 pack_size, assume_finite)
 
 
 def coordinate_masks(masks: Optional[Array], pack_size: int, d: int) -> Optional[Array]:

@@ -122,7 +122,8 @@ def pairwise_sq_dists(updates: Array) -> tuple[Array, Array]:
 
 
 def combine_selected(updates: Array, masks: Optional[Array], weights: Array,
-                     acceptance: Array, pack_size: int) -> Array:
+                     acceptance: Array, pack_size: int,
+                     assume_finite: bool = False) -> Array:
   """:func:`._common.combine_accepted`, with one fused loop for dense uploads.
 
   Dense: ``sum_i a_i w_i u_i / sum_i a_i w_i`` as an unrolled select-and-add
@@ -133,7 +134,8 @@ def combine_selected(updates: Array, masks: Optional[Array], weights: Array,
   """
   k = updates.shape[0]
   if masks is not None or k > _order_stats.MAX_NETWORK_ROWS:
-    return _common.combine_accepted(updates, masks, weights, acceptance, pack_size)
+    return _common.combine_accepted(updates, masks, weights, acceptance,
+                                    pack_size, assume_finite)
   w = (weights * acceptance).astype(updates.dtype)
   total = jnp.sum(w)
   zero = jnp.zeros((), updates.dtype)

@@ -69,7 +69,7 @@ def clipping(clip_norm: float = 5.0, weighted: bool = True) -> Aggregator:
     w = weights if weighted else jnp.ones_like(weights)
     update, acceptance = combine_finite(clipped, masks, w,
                                         jnp.ones((k,), updates.dtype),
-                                        ctx.pack_size)
+                                        ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"clip_scale": scale}), state
 
   return Aggregator(init, apply)

@@ -73,7 +73,7 @@ def dnc(num_coords: int = 10000, num_iters: int = 1, c: float = 1.0,
       all_scores.append(scores)
     acceptance = good.astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"scores": jnp.stack(all_scores)}), state
 
   return Aggregator(init, apply)

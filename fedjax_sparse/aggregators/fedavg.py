@@ -29,7 +29,8 @@ def _make(weighted: bool) -> Aggregator:
     del key
     w = weights if weighted else jnp.ones_like(weights)
     ones = jnp.ones((updates.shape[0],), updates.dtype)
-    update, acceptance = combine_finite(updates, masks, w, ones, ctx.pack_size)
+    update, acceptance = combine_finite(updates, masks, w, ones, ctx.pack_size,
+                                        ctx.finite_uploads)
     return AggOut(update, acceptance, {}), state
 
   return Aggregator(init, apply)

@@ -50,7 +50,8 @@ def fednova() -> Aggregator:
     # sum_i p_i u_i / tau_i.
     w_norm = p / tau
     update, acceptance = combine_finite(updates, masks, w_norm,
-                                        jnp.ones_like(weights), ctx.pack_size)
+                                        jnp.ones_like(weights), ctx.pack_size,
+                                        ctx.finite_uploads)
     used = acceptance > 0
     if masks is None:
       update = update * jnp.sum(jnp.where(used, w_norm, 0.0))

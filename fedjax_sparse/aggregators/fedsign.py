@@ -63,7 +63,7 @@ def fedsign() -> Aggregator:
     acceptance = ((density <= mean + tol)
                   & _common.finite_rows(updates)).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"density": density}), state
 
   return Aggregator(init, apply)

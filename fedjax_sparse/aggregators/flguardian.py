@@ -86,7 +86,7 @@ def flguardian(num_iters: int = 20) -> Aggregator:
     if k == 1:  # nothing to split
       acceptance = ok.astype(jnp.float32)
       update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                        ctx.pack_size)
+                                        ctx.pack_size, ctx.finite_uploads)
       return AggOut(update, acceptance, {"trust": acceptance}), state
     x = _common.zero_rows(updates, ok)
     centred = x - _order_stats.coordinate_median(x)[None, :]
@@ -107,7 +107,7 @@ def flguardian(num_iters: int = 20) -> Aggregator:
     median_trust = jnp.nanmedian(jnp.where(ok, trust, jnp.nan))
     acceptance = (ok & (trust >= median_trust)).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"trust": trust}), state
 
   return Aggregator(init, apply)

@@ -92,7 +92,7 @@ def gas(base: str = "krum", p: int = 1000, f: Optional[int] = None) -> Aggregato
     scores = jnp.where(ok, jnp.sum(dist, axis=1), jnp.inf)
     acceptance = _common.lowest(scores, k - f_)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"scores": scores}), state
 
   return Aggregator(init, apply)

@@ -53,7 +53,7 @@ def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
     scores = _common.krum_scores(d2, k - f_ - 2)
     acceptance = _common.lowest(scores, m_)
     update = _distances.combine_selected(updates, masks, weights, acceptance,
-                                         ctx.pack_size)
+                                         ctx.pack_size, ctx.finite_uploads)
     diagnostics = {"scores": scores}
     if "malicious" in ctx.extra:
       diagnostics["escape_ratio"] = _escape.selection(acceptance,

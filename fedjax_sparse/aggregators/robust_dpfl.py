@@ -67,7 +67,7 @@ def robust_dpfl(score: str = "params") -> Aggregator:
     labels, centres = two_means_1d(scores, valid=usable)
     acceptance = (labels == 1).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     return AggOut(update, acceptance, {"scores": scores, "centres": centres}), state
 
   return Aggregator(init, apply)

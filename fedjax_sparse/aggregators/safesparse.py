@@ -201,7 +201,7 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Agg
                   & _common.finite_rows(updates)).astype(jnp.float32)
     # 5. Sparse aggregation of the rest (Alg. 2).
     update = _common.combine_accepted(updates, masks, weights, acceptance,
-                                      ctx.pack_size)
+                                      ctx.pack_size, ctx.finite_uploads)
     diagnostics = {
         "jaccard_score": score,
         "jaccard_threshold": threshold,

@@ -136,6 +136,12 @@ class ExperimentConfig:
   ``lr_decay_at=0.75``, ``lr_decay_factor=0.1``); 0 (the default) turns the
   schedule off. With a schedule, ``rounds`` decides the results, so a run
   cannot be extended to more rounds by resuming it.
+
+  ``nonfinite``: ``reject`` (the default) screens uploads that hold inf/nan
+  before aggregation (a zero row of weight 0, acceptance 0, so such a
+  malicious client counts as flagged); ``propagate`` hands them to the rule
+  as they are (see :class:`RoundConfig`). Rounds with such uploads record
+  ``nonfinite_clients``; finite rounds are the same either way, bit for bit.
   """
 
   dataset: str = "fashion_mnist"
@@ -165,6 +171,7 @@ class ExperimentConfig:
   server_momentum: float = 0.9
   lr_decay_at: float = 0.0
   lr_decay_factor: float = 0.1
+  nonfinite: str = "reject"
   aggregator: str = "fedavg"
   aggregator_args: str = ""
   weighted: bool = True
@@ -246,7 +253,8 @@ class ExperimentConfig:
                        pack_size=self.pack_size,
                        attack_start=self.attack_start,
                        lr_decay_round=self.lr_decay_round,
-                       lr_decay_factor=self.lr_decay_factor)
+                       lr_decay_factor=self.lr_decay_factor,
+                       nonfinite=self.nonfinite)
 
   def validate(self, check_data: bool = True) -> None:
     """Raises ValueError (or DatasetNotFoundError) saying what to change."""
@@ -587,6 +595,10 @@ def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
          "update_norm": float(get("update_norm")),
          "uplink_bits": float(get("uplink_bits")),
          "downlink_bits": float(get("downlink_bits"))}
+  # Only when some upload held inf/nan, so that other records keep their form.
+  nonfinite = int(get("nonfinite_clients"))
+  if nonfinite:
+    rec["nonfinite_clients"] = nonfinite
   if cfg.attack != "none":
     n_mal = int(get("num_malicious"))
     n_ben = cfg.clients_per_round - n_mal

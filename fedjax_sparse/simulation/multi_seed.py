@@ -347,7 +347,8 @@ def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
     state, metrics = step(state, b.data)
     m = jax.device_get({k: metrics[k] for k in (
         "loss", "update_norm", "uplink_bits", "downlink_bits", "attack_active",
-        "num_malicious", "flagged_malicious", "flagged_benign")})
+        "num_malicious", "flagged_malicious", "flagged_benign",
+        "nonfinite_clients")})
     seconds = time.perf_counter() - t0
     evals = asrs = None
     if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:

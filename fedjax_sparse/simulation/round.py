@@ -49,6 +49,7 @@ PyTree = Any
 ENGINES = ("vmap", "map", "sequential")
 SPARSIFIERS = ("none", "topk")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+NONFINITE_POLICIES = ("reject", "propagate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,18 @@ class RoundConfig:
       ``lr_decay_factor = 0.1``); None (the default) keeps them constant
       and builds exactly the step without a schedule.
     lr_decay_factor: the multiplier of ``lr_decay_round``.
+    nonfinite: what the round step does with an upload that holds ``inf`` or
+      ``nan`` (a diverged client, an attack). ``"reject"`` (the default):
+      screened before aggregation, the row replaced by zeros (and its pack
+      mask emptied) with weight 0, acceptance 0 (so a screened malicious
+      client counts as flagged), left out of the BatchNorm statistics, and
+      counted in the round metric ``nonfinite_clients``; on finite uploads
+      this changes nothing, bit for bit (the rules are told so through
+      ``AggContext.finite_uploads`` and skip their own checks).
+      ``"propagate"``: the rule sees the raw rows, as before the policy
+      existed, and deals with them itself (the weighted means leave such
+      rows out, :func:`fedjax_sparse.aggregators.base.combine_finite`); the
+      count is still reported.
   """
 
   num_clients: int
@@ -108,6 +121,7 @@ class RoundConfig:
   attack_start: int = 10
   lr_decay_round: Optional[int] = None
   lr_decay_factor: float = 0.1
+  nonfinite: str = "reject"
 
   def validate(self, d: Optional[int] = None) -> None:
     """Raises ValueError saying what to change (``d`` enables the k <= d check)."""
@@ -139,6 +153,9 @@ class RoundConfig:
       raise ValueError(f"map_batch_size must be >= 1, got {self.map_batch_size}")
     if self.client_devices < 0:
       raise ValueError(f"client_devices must be >= 0, got {self.client_devices}")
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(f"unknown nonfinite policy {self.nonfinite!r}; choose "
+                       f"one of {', '.join(NONFINITE_POLICIES)}")
     if self.server_optimizer not in SERVER_OPTIMIZERS:
       raise ValueError(f"unknown server optimizer {self.server_optimizer!r}; "
                        f"choose one of {', '.join(SERVER_OPTIMIZERS)}")
@@ -342,6 +359,20 @@ def _pad_clients(tree, k_pad: int):
   return jax.tree.map(pad, tree)
 
 
+def screen_nonfinite(updates: jax.Array, masks: Optional[jax.Array],
+                     bad: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+  """Rows ``bad`` (``bool[K]``) of the uploads replaced by zeros, masks emptied.
+
+  ``jnp.where``, never a product (``0 * inf = nan``): an identity on finite
+  rows, bit for bit. Not under ``lax.cond``: a conditional would take the
+  updates as an operand, and XLA would write them out instead of fusing
+  their computation into the rule's, which changed the last bits of a fused
+  FedAvg round.
+  """
+  updates = jnp.where(bad[:, None], jnp.zeros((), updates.dtype), updates)
+  return updates, (None if masks is None else masks & ~bad[:, None])
+
+
 def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator,
                     layout: Layout, n_max: int, has_model_state: bool = False,
                     update_attack=None, data_attack=None,
@@ -375,7 +406,9 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     ``clients`` (the sampled client ids), ``acceptance`` (f32[K]),
     ``malicious`` (bool[K]), ``attack_active``, detection counts
     (``num_malicious``, ``flagged_malicious``, ``flagged_benign``: a client is
-    flagged when its acceptance is 0), ``uplink_bits`` and ``downlink_bits``
+    flagged when its acceptance is 0, and a client screened by
+    ``cfg.nonfinite="reject"`` has acceptance 0), ``nonfinite_clients``
+    (uploads holding inf/nan), ``uplink_bits`` and ``downlink_bits``
     of the round, ``update_norm`` and the aggregator's diagnostics.
   """
   d = layout.d
@@ -469,6 +502,15 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       masks = None
       uplink = jnp.float32(dense_bits * num_k)
 
+    # Uploads with inf/nan (RoundConfig.nonfinite): always counted; with
+    # "reject" the rule sees a zero row of weight 0 instead.
+    nonfinite = ~jnp.all(jnp.isfinite(updates), axis=1)
+    reject = cfg.nonfinite == "reject"
+    agg_weights = weights
+    if reject:
+      updates, masks = screen_nonfinite(updates, masks, nonfinite)
+      agg_weights = jnp.where(nonfinite, jnp.zeros((), weights.dtype), weights)
+
     lr_mult = lr_multiplier(cfg, state.round)
     server_lr = jnp.float32(cfg.server_lr)
     if lr_mult is not None:
@@ -486,16 +528,33 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                      client_model_state=(out.model_state if has_model_state
                                          else None),
                      extra=extra, layout=layout, pack_size=pack_size,
-                     num_byzantine=cfg.num_byzantine, num_clients=num_k)
+                     num_byzantine=cfg.num_byzantine, num_clients=num_k,
+                     finite_uploads=reject)
     agg_out, agg_state = aggregator.apply(state.agg_state, updates, masks,
-                                          weights, k_agg, ctx)
+                                          agg_weights, k_agg, ctx)
+    acceptance = agg_out.acceptance
+    if reject:  # a screened client was not accepted, whatever the rule says
+      acceptance = jnp.where(nonfinite, jnp.zeros((), acceptance.dtype),
+                             acceptance)
     grad = unravel(agg_out.update)
     upd, opt_state = server_opt.update(grad, state.opt_state, state.params)
     if lr_mult is not None:
       upd = jax.tree.map(lambda u: u * lr_mult.astype(u.dtype), upd)
     params = optax.apply_updates(state.params, upd)
 
-    if has_model_state:
+    if has_model_state and reject:
+      # Screened clients' statistics are left out; none left: keep the old.
+      total = jnp.sum(agg_weights)
+      wn = jnp.where(total > 0, agg_weights / jnp.where(total > 0, total, 1.0),
+                     0.0)
+
+      def average(a, old):
+        a = jnp.where(nonfinite.reshape((-1,) + (1,) * (a.ndim - 1)),
+                      jnp.zeros((), a.dtype), a)
+        return jnp.where(total > 0, jnp.tensordot(wn, a, axes=1), old)
+
+      model_state = jax.tree.map(average, out.model_state, state.model_state)
+    elif has_model_state:
       wn = weights / jnp.sum(weights)
       model_state = jax.tree.map(lambda a: jnp.tensordot(wn, a, axes=1),
                                  out.model_state)
@@ -521,16 +580,17 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                             server_control=server_control,
                             prev_aggregate=agg_out.update.astype(jnp.float32),
                             round=state.round + 1, key=key)
-    flagged = agg_out.acceptance <= 0
+    flagged = acceptance <= 0
     metrics = {
         "loss": jnp.sum(out.loss * weights) / jnp.sum(weights),
         "clients": clients,
-        "acceptance": agg_out.acceptance,
+        "acceptance": acceptance,
         "malicious": is_mal,
         "attack_active": attack_active,
         "num_malicious": jnp.sum(is_mal.astype(jnp.int32)),
         "flagged_malicious": jnp.sum((flagged & is_mal).astype(jnp.int32)),
         "flagged_benign": jnp.sum((flagged & ~is_mal).astype(jnp.int32)),
+        "nonfinite_clients": jnp.sum(nonfinite.astype(jnp.int32)),
         "uplink_bits": uplink,
         "downlink_bits": jnp.float32(dense_bits * num_k),
         "update_norm": jnp.linalg.norm(agg_out.update),

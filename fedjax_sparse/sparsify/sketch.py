@@ -262,7 +262,8 @@ def fetchsgd(rows: int = 5, cols: Optional[int] = None, k=None, rho: float = 0.9
       clipped, scale = clip_by_l2_norm(updates, lim)
     del masks  # clients upload sketches of their dense updates
     w = weights if weighted else jnp.ones((clipped.shape[0],), clipped.dtype)
-    u, acceptance = combine_finite(clipped, None, w, jnp.ones_like(w))
+    u, acceptance = combine_finite(clipped, None, w, jnp.ones_like(w), 1,
+                                   ctx.finite_uploads)
     if mode == "sketch":
       sk = make_sketch(d)
       momentum = rho * state.momentum + sk.sketch(u)

@@ -80,13 +80,14 @@ class SparseFedState:
 
 
 def _client_mean(clipped: Array, masks, weights: Array, weighted: bool,
-                mask_aware: bool, pack_size: int) -> tuple[Array, Array]:
+                mask_aware: bool, pack_size: int,
+                assume_finite: bool) -> tuple[Array, Array]:
   """The round's aggregate ``u`` (unweighted mean unless ``weighted``) and
   the acceptance (0 for rows with inf/nan, left out of the mean)."""
   w = weights if weighted else jnp.ones((clipped.shape[0],), clipped.dtype)
   ones = jnp.ones((clipped.shape[0],), clipped.dtype)
   return combine_finite(clipped, masks if mask_aware else None, w, ones,
-                        pack_size)
+                        pack_size, assume_finite)
 
 
 @register("sparsefed")
@@ -140,7 +141,7 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
     else:
       clipped, scale = clip_by_l2_norm(updates, lim)
     u, acceptance = _client_mean(clipped, masks, weights, weighted, mask_aware,
-                                 ctx.pack_size)
+                                 ctx.pack_size, ctx.finite_uploads)
     momentum = rho * state.momentum + u
     error = state.error + momentum
     selected = topk_mask(error, kk, topk_method)
