@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +32,7 @@ def test_demo_setting_is_the_showcase():
   assert {"fedavg", "safesparse"} <= set(demo.DEFENCES)
 
 
+@pytest.mark.slow
 def test_run_demo_prints_the_table_writes_the_report_and_resumes(tmp_path):
   out = str(tmp_path / "demo")
   attacks, defences = ["none", "ipm"], ["fedavg", "safesparse"]

@@ -232,6 +232,7 @@ def test_bulyan_escape_both_stages():
   assert 0 < diag["escape_ratio_selection"] < 1
 
 
+@pytest.mark.slow
 def test_no_attackers_and_no_flag():
   u, _ = _population(80, 10, 12, 0)
   none = np.zeros(10, bool)

@@ -98,6 +98,7 @@ def test_binary_rejects_bad_flags_before_compiling():
   assert "apt-get install dataset-fashion-mnist" in r.stderr
 
 
+@pytest.mark.slow
 def test_binary_runs_with_flagfile(tmp_path):
   flagfile = tmp_path / "t.flags"
   flagfile.write_text("\n".join([

@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedjax_sparse.simulation import io
 
@@ -72,6 +73,7 @@ def _log(path) -> str:
     return f.read()[-3000:]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
   cache = str(tmp_path / "jax_cache")

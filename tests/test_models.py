@@ -242,6 +242,7 @@ def test_vmap_over_clients_equals_loop():
                                                 rtol=1e-4), grads, grad_i)
 
 
+@pytest.mark.slow
 def test_batchnorm_exposes_batch_stats():
   model = models.get_model("resnet20", 10, norm="batch")
   variables = _random_variables(model, CIFAR)

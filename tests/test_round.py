@@ -223,7 +223,8 @@ def test_bad_round_config(kw, msg):
     dataclasses.replace(cfg, **kw).validate()
 
 
-@pytest.mark.parametrize("engine,k", [("vmap", 4), ("map", 5)])
+@pytest.mark.parametrize("engine,k", [
+    ("vmap", 4), pytest.param("map", 5, marks=pytest.mark.slow)])
 def test_client_devices_agree_with_one_device(engine, k):
   assert jax.local_device_count() >= 2
   _, data, _, step_1, st_1 = _setup(engine=engine, map_batch_size=2,

@@ -180,6 +180,7 @@ def test_sparsefed_runs_in_the_round_step_and_conserves_mass():
                              rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_experiment_with_attack_and_sparsity(tmp_path):
   cfg = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=10,
                          clients_per_round=10, rounds=3, batch_size=16, lr=0.1,
@@ -217,6 +218,7 @@ def test_sparsefed_k_larger_than_d_fails_before_compiling():
     Experiment(cfg)
 
 
+@pytest.mark.slow
 def test_escape_ratio_and_class_aware_masking_from_flags(tmp_path):
   from fedjax_sparse.simulation import io
   cfg = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=6,

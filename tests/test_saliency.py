@@ -22,6 +22,7 @@ def _cnn():
   return model, params, x, y
 
 
+@pytest.mark.slow
 def test_force_exact_count_critical_and_caps():
   model, params, x, y = _cnn()
   layout = layout_of(params)

@@ -142,6 +142,7 @@ def _check_sharded(tmp_path, cases, timeout):
                                       z[f"{name}/1/acceptance"])
 
 
+@pytest.mark.slow
 def test_sharded_rounds_agree_with_unsharded(tmp_path):
   """K=10 clients over 8 devices (padded to 16) and over 4 (padded to 12)."""
   _check_sharded(tmp_path, {"fedavg": (1, 8), "alie": (1, 4)}, timeout=150)
@@ -184,6 +185,7 @@ def _checkpoint_params(path):
   return io.checkpoint_arrays(str(path))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
   procs = [_call("distributed_worker", pid, port, str(tmp_path), devices=2)
@@ -337,6 +339,7 @@ def test_fedavg_state_has_no_per_client_arrays_at_100k_clients():
 # 4. Seed-batched sweeps.
 
 
+@pytest.mark.slow
 def test_run_seeds_matches_separate_runs(tmp_path):
   """Random malicious sets differ per seed (stacked data), ALIE attacks,
   and the client axis is split over 2 devices under the seed batching."""
@@ -370,6 +373,7 @@ def test_run_seeds_matches_separate_runs(tmp_path):
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_seeds_shard_mode_matches_map_mode():
   """Seeds split over the 2 host devices (each device maps its own seeds,
   the client axis kept whole) give the runs of the single-device map mode;

@@ -98,6 +98,7 @@ def _strip(records):
   return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
+@pytest.mark.slow
 def test_sweep_runs_reports_skips_and_resumes(tmp_path):
   base = dataclasses.replace(BASE, output_dir=str(tmp_path))
   cells = sweep.make_cells(base, attacks=["none", "ipm"],
@@ -481,6 +482,7 @@ def test_reproduction_flagfiles_parse_and_validate(name):
 # ------------------------------------------------------------ seed batches --
 
 
+@pytest.mark.slow
 def test_batch_seeds_equal_separate_runs_and_resume(tmp_path):
   """--batch_seeds: the seeds of a cell train in one step, shard mode over
   the 2 host devices, each cell directory as a separate run of the same
@@ -537,6 +539,7 @@ def test_batch_seeds_equal_separate_runs_and_resume(tmp_path):
     assert _strip(resumed) == _strip(reference[c.name])
 
 
+@pytest.mark.slow
 def test_batch_seeds_runs_unbatchable_cells_one_by_one(tmp_path):
   base = dataclasses.replace(BASE, output_dir=str(tmp_path), twin=True,
                              client_devices=1)

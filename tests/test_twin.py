@@ -74,6 +74,7 @@ def test_twin_is_the_run_without_attackers(attack, unattacked):
       rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_twin_records_summary_and_resume(tmp_path):
   cfg = dataclasses.replace(ATTACKED, attack="ipm", twin=True)
   full = run_experiment(dataclasses.replace(cfg, output_dir=str(tmp_path / "a")),
