@@ -52,6 +52,7 @@ malicious (:func:`fedjax_sparse.simulation.round.make_twin_round_step`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -588,6 +589,14 @@ def parse_width(text: str):
   return widths[0] if len(widths) == 1 and "," not in text else widths
 
 
+@functools.lru_cache(maxsize=64)
+def _attack_space_of(cfg: ExperimentConfig) -> Optional[str]:
+  """The run's threat model (:func:`fedjax_sparse.attacks.attack_space`),
+  resolved once per configuration rather than in every round record."""
+  from fedjax_sparse.attacks import attack_space
+  return attack_space(cfg.attack, parse_kwargs(cfg.attack_args, "attack_args"))
+
+
 def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
                  get) -> dict:
   """The per-round record every run writes (``get(name)``: a round metric)."""
@@ -607,8 +616,7 @@ def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
         "num_malicious": n_mal,
         "tpr": int(get("flagged_malicious")) / n_mal if n_mal else None,
         "fpr": int(get("flagged_benign")) / n_ben if n_ben else None})
-    from fedjax_sparse.attacks import attack_space
-    space = attack_space(cfg.attack, parse_kwargs(cfg.attack_args, "attack_args"))
+    space = _attack_space_of(cfg)
     if space is not None:
       rec["attack_space"] = space
   return rec
