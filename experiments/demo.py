@@ -65,21 +65,18 @@ install it.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
-  from fedjax_sparse.hugepages import restart_with_huge_pages
-  restart_with_huge_pages()
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/cli.py
+  from fedjax_sparse import cli as _cli
+  _cli.prepare()
 
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from absl import app
 from absl import flags
-from absl import logging
 
 # Importing the sweep defines its grid flags and one flag per
 # ExperimentConfig field (through experiments.run); the demo reads
@@ -160,7 +157,8 @@ def run_demo(base: ExperimentConfig, output_dir: str,
              attacks: Sequence[str] = ATTACKS,
              defences: Sequence[str] = DEFENCES,
              attack_args_by_name: Optional[dict] = None,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print,
+             progress: bool = False) -> dict:
   """Runs (or resumes, or skips) the attack x defence grid and reports it.
 
   Logs a line per cell, then the final-accuracy table (attacks x defences),
@@ -177,6 +175,8 @@ def run_demo(base: ExperimentConfig, output_dir: str,
     attack_args_by_name: attack name -> ``"k=v,k=v"`` hyperparameters
       (None: :data:`ATTACK_ARGS`).
     log: where the lines go.
+    progress: show one progress bar over the grid (rounds, current cell,
+      accuracy, ETA); the cell lines are written above it.
 
   Returns:
     ``{"cells", "status", "report", "table", "wall_seconds", "summaries"}``:
@@ -199,7 +199,8 @@ def run_demo(base: ExperimentConfig, output_dir: str,
     if _stale(cell):
       log(f"{cell.dir} holds another demo configuration: starting it afresh")
       shutil.rmtree(cell.dir)
-  status = sweep.run_cells(cells, log=log)
+  status = sweep.run_cells(cells, log=None if progress and log is print
+                           else log, overall_progress=progress)
   report = sweep.write_report(cells, output_dir)
   wall = time.perf_counter() - t0
   summaries = {}
@@ -254,37 +255,32 @@ def _explicit_overrides() -> dict:
   return out
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  from fedjax_sparse.simulation.devices import use_cpu_devices
-  use_cpu_devices()  # one host device per core, before any JAX operation
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main():
+  """The binary (run through :func:`fedjax_sparse.cli.run`: flags parsed,
+  one CPU device per core, a user error raised here printed as ``error:``
+  with exit status 2). Exit status 1: some cell failed."""
   import jax
   output_dir = FLAGS.output_dir or DEFAULT_OUTPUT_DIR
   attacks = tuple(FLAGS.attacks) or ATTACKS
   defences = tuple(FLAGS.aggregators) or DEFENCES
-  try:
-    base = dataclasses.replace(
-        DEMO, data_dir=FLAGS.data_dir or DEFAULT_DATA_DIR,
-        **_explicit_overrides())
-    attack_args = {**ATTACK_ARGS, **sweep.parse_args_by_name(
-        FLAGS.attack_args_by_name, "attack")}
-    partition = (f"Dirichlet alpha={base.alpha:g}"
-                 if base.partition == "dirichlet" else base.partition)
-    print(f"{len(attacks)} attacks x {len(defences)} defences on "
-          f"{base.dataset}: {base.num_clients} clients, {partition}, "
-          f"model {base.model}, {base.rounds} rounds, "
-          f"top-k {base.topk_ratio:g} uploads, {base.malicious_fraction:.0%} "
-          f"attackers from round {base.attack_start}, "
-          f"{jax.local_device_count()} client devices")
-    result = run_demo(base, output_dir, attacks, defences, attack_args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  base = dataclasses.replace(
+      DEMO, data_dir=FLAGS.data_dir or DEFAULT_DATA_DIR,
+      **_explicit_overrides())
+  attack_args = {**ATTACK_ARGS, **sweep.parse_args_by_name(
+      FLAGS.attack_args_by_name, "attack")}
+  partition = (f"Dirichlet alpha={base.alpha:g}"
+               if base.partition == "dirichlet" else base.partition)
+  print(f"{len(attacks)} attacks x {len(defences)} defences on "
+        f"{base.dataset}: {base.num_clients} clients, {partition}, "
+        f"model {base.model}, {base.rounds} rounds, "
+        f"top-k {base.topk_ratio:g} uploads, {base.malicious_fraction:.0%} "
+        f"attackers from round {base.attack_start}, "
+        f"{jax.local_device_count()} client devices")
+  result = run_demo(base, output_dir, attacks, defences, attack_args,
+                    progress=True)
   failed = [k for k, v in result["status"].items() if v.startswith("failed")]
   return 1 if failed else 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

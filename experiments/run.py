@@ -23,21 +23,33 @@ each other, elsewhere add ``--coordinator_address=host0:1234
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
-  from fedjax_sparse.hugepages import restart_with_huge_pages
-  restart_with_huge_pages()
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/cli.py
+  from fedjax_sparse import cli as _cli
+  _cli.prepare()
 
 import dataclasses
 import json
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
+from fedjax_sparse import aggregators as _aggregators
+from fedjax_sparse import attacks as _attacks
+from fedjax_sparse import models as _models
 from fedjax_sparse.simulation.experiment import ExperimentConfig
 
 _DEFAULTS = ExperimentConfig()
+
+
+def _names(names, aliases=None) -> str:
+  text = ", ".join(names)
+  if aliases:
+    text += " (aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()) + ")"
+  return text
+
+
+AGGREGATOR_NAMES = _names(_aggregators.names(), _aggregators.registry.ALIASES)
+ATTACK_NAMES = _names(["none"] + _attacks.names(), _attacks.registry.ALIASES)
 _HELP = {
     "dataset": "fashion_mnist, mnist, digits, synthetic or tfds:<name> "
                "(e.g. tfds:cifar10).",
@@ -78,7 +90,7 @@ _HELP = {
                  "nonfinite_clients) or propagate (the rule sees them).",
     "lr_decay_factor": "Multiplier of the learning rates after "
                        "--lr_decay_at (0.1: divide by 10).",
-    "aggregator": "Aggregation rule (registry name).",
+    "aggregator": "Aggregation rule: " + AGGREGATOR_NAMES + ".",
     "weighted": "Weight clients by dataset size (else uniformly).",
     "aggregator_args": "Aggregator hyperparameters as name=value pairs, e.g. "
                        "'k=0.01,clip_norm=5' for sparsefed.",
@@ -87,12 +99,12 @@ _HELP = {
     "sparsify": "none (dense uploads) or topk (pack top-k uploads).",
     "topk_ratio": "Fraction of packs each client keeps (FLARE default 0.5).",
     "pack_size": "Parameters per pack (1 = scalar top-k).",
-    "attack": "Attack name (update or data attack), or none.",
+    "attack": "Attack (update or data attack): " + ATTACK_NAMES + ".",
     "attack_args": "Attack hyperparameters as name=value pairs, e.g. 'eps=0.4'.",
     "malicious_fraction": "Fraction of the clients that are malicious.",
     "malicious_mode": "Which clients are malicious: first or random.",
     "attack_start": "First round (1-based) in which the attack is active.",
-    "model": "Model name (mlp, cnn2, lenet, resnet20).",
+    "model": "Model: " + ", ".join(_models.names()) + ".",
     "conv_impl": "Convolution implementation: auto, im2col or lax.",
     "norm": "Normalisation of resnet20: group, batch or none.",
     "model_width": "Layer widths instead of the model's default: mlp hidden "
@@ -146,6 +158,13 @@ flags.DEFINE_integer("num_processes", None,
                      "With --distributed: number of processes.")
 flags.DEFINE_integer("process_id", None,
                      "With --distributed: this process's index.")
+flags.DEFINE_boolean(
+    "tensorboard", False,
+    "Also write each round's scalars as TensorBoard event files into "
+    "<output_dir>/tensorboard/ (a sweep: <cell>/tensorboard/, so "
+    "tensorboard --logdir=<output_dir> shows every cell). Needs "
+    "tensorboardX: pip install 'fedjax_sparse[tensorboard]'; rounds.jsonl "
+    "stays the record.")
 FLAGS = flags.FLAGS
 
 
@@ -157,46 +176,46 @@ def config_from_flags() -> ExperimentConfig:
   return ExperimentConfig(**kwargs)
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  from fedjax_sparse.simulation.devices import use_cpu_devices
-  use_cpu_devices()  # one host device per core, before any JAX operation
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main():
+  """The binary (run through :func:`fedjax_sparse.cli.run`: flags parsed,
+  one CPU device per core, a user error raised here printed as ``error:``
+  with exit status 2)."""
   coordinator = True
   if FLAGS.distributed:
     from fedjax_sparse.simulation import distributed
-    try:
-      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                             FLAGS.process_id)
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
     coordinator = distributed.is_coordinator()
   cfg = config_from_flags()
-  try:
-    cfg.validate()
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from fedjax_sparse.simulation import flag_checks
+  errors, warnings = flag_checks.ineffective(
+      cfg, flag_checks.given_flags(
+          FLAGS, [f.name for f in dataclasses.fields(ExperimentConfig)]))
+  for w in warnings:
+    print(f"warning: {w}", file=sys.stderr)
+  if errors:
+    raise ValueError("; ".join(errors))
+  cfg.validate()
   from fedjax_sparse.simulation.experiment import run_experiment
+  # What the run finds before or while running (another run in the output
+  # directory, a run that cannot be resumed, a directory that cannot be
+  # written) raises ValueError too.
+  from fedjax_sparse.metrics import writers
+  writer = writers.create_writer(cfg.output_dir,
+                                 FLAGS.tensorboard and coordinator)
   try:
-    summary = run_experiment(cfg, progress=coordinator)
-  except (ValueError, FileNotFoundError) as e:
-    # What the run finds before or while running: another run in the output
-    # directory, a run that cannot be resumed (another configuration, a
-    # corrupt checkpoint or rounds file, fewer rounds than it holds), a
-    # directory that cannot be written.
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    summary = run_experiment(cfg, progress=coordinator,
+                             on_round=writers.round_callback(writer))
+  finally:
+    writer.close()
   if not coordinator:
     return 0
   keys = ["final_accuracy", "final_top5_accuracy", "best_accuracy",
           "compile_seconds", "median_round_seconds", "wall_seconds",
-          "num_params"]
+          "num_params", "attack_rounds"]
   print(json.dumps({k: summary[k] for k in keys}, indent=2))
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

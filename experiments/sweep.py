@@ -91,9 +91,9 @@ any is run; a bad flag fails with a message saying what to change.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
-  from fedjax_sparse.hugepages import restart_with_huge_pages
-  restart_with_huge_pages()
+if __name__ == "__main__":  # before JAX: see fedjax_sparse/cli.py
+  from fedjax_sparse import cli as _cli
+  _cli.prepare()
 
 import collections
 import contextlib
@@ -109,9 +109,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 # Importing the single-run binary defines one flag per ExperimentConfig field.
@@ -121,10 +119,12 @@ from fedjax_sparse.simulation import run_safety
 from fedjax_sparse.simulation.experiment import ExperimentConfig, parse_kwargs
 
 flags.DEFINE_list("attacks", [], "Attacks of the grid (comma-separated; "
-                  "'none' = no attack). Empty: --attack.")
+                  "'none' = no attack). Empty: --attack. Known: "
+                  + run_lib.ATTACK_NAMES + ".")
 flags.DEFINE_list("aggregators", [], "Defences of the grid: aggregators or "
                   "defence presets (fedprox, scaffold, --presets). Empty: "
-                  "--aggregator.")
+                  "--aggregator. Aggregators: " + run_lib.AGGREGATOR_NAMES
+                  + ".")
 flags.DEFINE_list("malicious_fractions", [], "Malicious fractions of the grid. "
                   "Empty: --malicious_fraction.")
 flags.DEFINE_list("topk_ratios", [], "Top-k ratios of the grid (needs "
@@ -149,7 +149,12 @@ flags.DEFINE_string("presets", "", "Defence presets usable in --aggregators: "
                     "(fedprox, scaffold).")
 flags.DEFINE_boolean("report_only", False, "Do not run: write the report "
                      "from the cells already on disk.")
-flags.DEFINE_boolean("cell_progress", False, "Show a progress bar per cell.")
+flags.DEFINE_boolean("cell_progress", False, "Show a progress bar per cell "
+                     "(instead of the sweep's).")
+flags.DEFINE_boolean("progress", True, "Show one progress bar over the whole "
+                     "sweep: rounds done, the current cell, its accuracy and "
+                     "the ETA (updated every 30 s when stderr is not a "
+                     "terminal).")
 flags.DEFINE_boolean("batch_seeds", False, "Train the seeds of each cell "
                      "together in one compiled step (fedjax_sparse."
                      "simulation.multi_seed). The seeds then share one data "
@@ -163,11 +168,8 @@ flags.DEFINE_enum("seed_mode", "auto", ["auto", "map", "vmap", "shard"],
 FLAGS = flags.FLAGS
 
 # Names as the papers write them -> registry names.
-ATTACK_ALIASES = {"lfa": "label_flip", "bit_flip": "sign_flip",
-                  "bitflip": "sign_flip"}
-AGGREGATOR_ALIASES = {"cm": "median", "tm": "trimmed_mean",
-                      "cc": "centered_clipping", "mkrum": "multi_krum",
-                      "m_krum": "multi_krum"}
+from fedjax_sparse.aggregators.registry import ALIASES as AGGREGATOR_ALIASES
+from fedjax_sparse.attacks.registry import ALIASES as ATTACK_ALIASES
 # Defence presets: the baselines that are an aggregation rule plus a client
 # or server setting. FedProx (Li et al., MLSys 2020, eq. 2) adds
 # mu/2 ||w - w_t||^2 to the local loss; mu = 0.01 is the value the
@@ -695,6 +697,26 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
                      "--attack_args") from None
 
 
+def ineffective_flags(cells: Sequence[Cell],
+                      fv: flags.FlagValues = FLAGS) -> tuple[list[str],
+                                                             list[str]]:
+  """``(errors, warnings)`` about the flags given (command line or flagfile)
+  that no cell of the grid uses (:mod:`fedjax_sparse.simulation.flag_checks`);
+  ``--topk_ratios`` counts as ``--topk_ratio``."""
+  from fedjax_sparse.simulation import flag_checks
+  given = flag_checks.given_flags(
+      fv, [f.name for f in dataclasses.fields(ExperimentConfig)])
+  if "topk_ratios" in fv and fv["topk_ratios"].present and fv.topk_ratios:
+    given.add("topk_ratio")
+  errors = warnings = None
+  for cell in cells:
+    e, w = flag_checks.ineffective(cell.config, given)
+    errors = set(e) if errors is None else errors & set(e)
+    warnings = set(w) if warnings is None else warnings & set(w)
+  # Messages name one cell's value; keep those every cell shares, by flag.
+  return sorted(errors or ()), sorted(warnings or ())
+
+
 def check_cells(cells: Sequence[Cell], check_data: bool = True) -> None:
   """Validates every cell before any runs; raises ValueError naming the cell."""
   if not cells:
@@ -793,9 +815,57 @@ def _clear_error(cell: Cell) -> None:
     os.unlink(err)
 
 
+class _Overall:
+  """One progress bar over every round of every cell of a sweep, with the
+  current cell, its last accuracy and the ETA of the whole sweep."""
+
+  def __init__(self, cells: Sequence[Cell], enabled: bool):
+    self.bar = None
+    self.cell, self.last_acc = None, None
+    self.done: dict[str, int] = {}
+    if not enabled:
+      return
+    from tqdm.auto import tqdm
+    total = sum(c.config.rounds for c in cells)
+    initial = sum(c.config.rounds for c in cells if finished(c))
+    # Updates every 30 s into a log file, live on a terminal.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    self.bar = tqdm(total=total, initial=initial, desc="sweep", unit="round",
+                    dynamic_ncols=True, mininterval=interval,
+                    smoothing=0.05)
+
+  def round(self, cell: Cell, rec: dict) -> None:
+    if self.bar is None:
+      return
+    step = rec["round"] - self.done.get(cell.name, 0)
+    self.done[cell.name] = rec["round"]
+    if cell.name != self.cell:
+      self.cell, self.last_acc = cell.name, None
+    post = {"cell": cell.name, "round": rec["round"]}
+    if "accuracy" in rec:
+      self.last_acc = rec["accuracy"]
+    if self.last_acc is not None:
+      post["acc"] = f"{self.last_acc:.4f}"
+    self.bar.set_postfix(post, refresh=False)
+    self.bar.update(step)
+
+  def write(self, msg: str) -> None:
+    """Prints ``msg`` above the bar."""
+    if self.bar is None:
+      print(msg)
+    else:
+      self.bar.write(msg)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 def run_cells(cells: Sequence[Cell], progress: bool = False,
-              log=print, batch_seeds: bool = False,
-              seed_mode: str = "auto") -> dict[str, str]:
+              log=None, batch_seeds: bool = False,
+              seed_mode: str = "auto",
+              overall_progress: bool = False,
+              tensorboard: bool = False) -> dict[str, str]:
   """Runs (or resumes, or skips) every cell in order.
 
   A cell that fails (e.g. a rule's requirement on K and f that only shows
@@ -810,9 +880,45 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
   cells whose ``data_seed`` is fixed (:func:`share_data_seed`): the seeds of
   a batch share one partition.
 
+  ``progress`` shows a bar per cell; ``overall_progress`` one bar over the
+  whole sweep (rounds, current cell, accuracy, ETA), above which ``log``
+  (default: print) writes each cell's line. ``tensorboard``: each cell also
+  writes its rounds' scalars into ``<cell>/tensorboard/``
+  (:mod:`fedjax_sparse.metrics.writers`).
+
   Returns:
     cell name -> ``"skipped"``, ``"ran"`` or ``"failed: <message>"``.
   """
+  overall = _Overall(cells, overall_progress and not progress)
+  try:
+    return _run_cells(cells, progress, log or overall.write, batch_seeds,
+                      seed_mode, overall, tensorboard)
+  finally:
+    overall.close()
+
+
+def _run_cells(cells, progress, log, batch_seeds, seed_mode,
+               overall: _Overall, tensorboard: bool) -> dict[str, str]:
+  from fedjax_sparse.metrics import writers as writers_lib
+  open_writers = {}
+
+  def on_round(cell, rec):
+    overall.round(cell, rec)
+    if tensorboard:
+      if cell.name not in open_writers:
+        open_writers[cell.name] = writers_lib.create_writer(cell.dir, True)
+      writers_lib.round_callback(open_writers[cell.name])(rec)
+
+  try:
+    return _run_cells_with(cells, progress, log, batch_seeds, seed_mode,
+                           on_round)
+  finally:
+    for w in open_writers.values():
+      w.close()
+
+
+def _run_cells_with(cells, progress, log, batch_seeds, seed_mode,
+                    on_round) -> dict[str, str]:
   from fedjax_sparse.simulation.experiment import build_data, run_experiment
   from fedjax_sparse.simulation import multi_seed
   status = {}
@@ -852,7 +958,8 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
         sums = multi_seed.run_seeds(
             cell.config, [c.seed for c in batch], fd=data_for(cell),
             progress=progress, mode=seed_mode,
-            output_dirs=[c.dir for c in batch])
+            output_dirs=[c.dir for c in batch],
+            on_round=lambda i, rec, b=batch: on_round(b[i], rec))
       except (ValueError, FileNotFoundError) as e:
         for c in batch:
           status[c.name] = f"failed: {e}"
@@ -868,8 +975,9 @@ def run_cells(cells: Sequence[Cell], progress: bool = False,
             f"{len(batch)} seeds together)")
       continue
     try:
-      summary = run_experiment(cell.config, progress=progress,
-                               fd=data_for(cell))
+      summary = run_experiment(
+          cell.config, progress=progress, fd=data_for(cell),
+          on_round=lambda rec, c=cell: on_round(c, rec))
     except (ValueError, FileNotFoundError) as e:
       status[cell.name] = f"failed: {e}"
       # Not into the directory of another run that holds it.
@@ -961,9 +1069,12 @@ def _panels(rows: list[dict], key: str, attacks: list[str],
   return out
 
 
-def _panel_title(frac, ratio) -> str:
+def _panel_title(frac, ratio, with_none: bool = False) -> str:
+  """The panel's setting; ``with_none``: the panel holds the none row, whose
+  cells have no attackers whatever the panel's fraction."""
   r = "dense" if ratio == "" else f"top-k {ratio:g}"
-  return f"malicious fraction {frac:g}, {r}"
+  none = " (none row: no attackers)" if with_none and frac else ""
+  return f"malicious fraction {frac:g}{none}, {r}"
 
 
 def _markdown_table(m: np.ndarray, attacks, aggregators,
@@ -1119,17 +1230,18 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   done = [r for r in rows if r["status"] == "done"]
   acc = _panels(done, "final_accuracy", attacks, aggregators)
   base = cells[0].config
-  md = [f"# Sweep results: final test accuracy",
+  md = ["# Sweep results: final test accuracy",
         "",
         f"{base.dataset}, model {base.model}, {base.num_clients} clients "
         f"({base.clients_per_round} per round), partition {base.partition}"
         + (f" (alpha {base.alpha:g})" if base.partition == "dirichlet" else "")
         + f", {base.rounds} rounds, attack from round {base.attack_start}. "
         f"{len(done)}/{len(rows)} cells finished; values are the mean "
-        "(± std) over seeds. The none row (no attackers) is the clean "
-        "baseline of every table.", ""]
+        "(± std) over seeds."
+        + (" The none row (no attackers) is the clean baseline of every "
+           "table." if "none" in attacks else ""), ""]
   for (frac, ratio), m in acc.items():
-    md += [f"## {_panel_title(frac, ratio)}", ""]
+    md += [f"## {_panel_title(frac, ratio, 'none' in attacks)}", ""]
     md += _markdown_table(m, attacks, aggregators) + [""]
   for key, title, text, fmt in _METRIC_TABLES:
     have = [a for a in attacks if any(_has_value(r.get(key))
@@ -1157,7 +1269,8 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   if done:
     path = os.path.join(output_dir, "heatmap.png")
     plots.plot_heatmaps(
-        {_panel_title(*k): m[..., 0] for k, m in acc.items()}, attacks,
+        {_panel_title(*k, "none" in attacks): m[..., 0]
+         for k, m in acc.items()}, attacks,
         aggregators, path,
         title=f"Final test accuracy ({base.dataset}, {base.model})")
     files.append(path)
@@ -1183,40 +1296,39 @@ def write_report(cells: Sequence[Cell], output_dir: str) -> dict:
   return {"rows": rows, "markdown": markdown, "files": files}
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  from fedjax_sparse.simulation.devices import use_cpu_devices
-  use_cpu_devices()  # one host device per core, before any JAX operation
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    if not FLAGS.output_dir:
-      raise ValueError("--output_dir is required: each cell writes into "
-                       "<output_dir>/<cell name>/")
-    cells = cells_from_flags(FLAGS)
-    if FLAGS.batch_seeds:
-      cells = share_data_seed(cells)
-    check_cells(cells, check_data=not FLAGS.report_only)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def main():
+  """The binary (run through :func:`fedjax_sparse.cli.run`: flags parsed,
+  one CPU device per core, a user error raised here printed as ``error:``
+  with exit status 2). Exit status 1: some cell failed."""
+  if not FLAGS.output_dir:
+    raise ValueError("--output_dir is required: each cell writes into "
+                     "<output_dir>/<cell name>/")
+  cells = cells_from_flags(FLAGS)
+  if FLAGS.batch_seeds:
+    cells = share_data_seed(cells)
+  errors, warnings = ineffective_flags(cells, FLAGS)
+  for w in warnings:
+    print(f"warning: {w}", file=sys.stderr)
+  if errors:
+    raise ValueError("; ".join(errors))
+  check_cells(cells, check_data=not FLAGS.report_only)
+  if FLAGS.tensorboard:
+    from fedjax_sparse.metrics import writers
+    writers.check_tensorboard()
   print(f"{len(cells)} cells into {FLAGS.output_dir}")
   status = {}
-  try:
-    # One sweep at a time in an output directory (two would run the same
-    # cells with different settings); --report_only only reads the cells,
-    # and may report on a sweep that is running.
-    with (contextlib.nullcontext() if FLAGS.report_only
-          else run_safety.output_lock(FLAGS.output_dir)):
-      if not FLAGS.report_only:
-        status = run_cells(cells, progress=FLAGS.cell_progress,
-                           batch_seeds=FLAGS.batch_seeds,
-                           seed_mode=FLAGS.seed_mode)
-      report = write_report(cells, FLAGS.output_dir)
-  except (ValueError, FileNotFoundError) as e:
-    # Another sweep in the directory, a directory that cannot be written.
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  # One sweep at a time in an output directory (two would run the same
+  # cells with different settings); --report_only only reads the cells,
+  # and may report on a sweep that is running.
+  with (contextlib.nullcontext() if FLAGS.report_only
+        else run_safety.output_lock(FLAGS.output_dir)):
+    if not FLAGS.report_only:
+      status = run_cells(cells, progress=FLAGS.cell_progress,
+                         batch_seeds=FLAGS.batch_seeds,
+                         seed_mode=FLAGS.seed_mode,
+                         overall_progress=FLAGS.progress,
+                         tensorboard=FLAGS.tensorboard)
+    report = write_report(cells, FLAGS.output_dir)
   print()
   print(report["markdown"])
   print("wrote " + ", ".join(report["files"]))
@@ -1224,4 +1336,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

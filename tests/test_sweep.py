@@ -443,7 +443,8 @@ def test_report_leaves_out_tables_without_values(tmp_path):
 
 def test_report_only_binary_with_presets(tmp_path):
   argv = ["--dataset=synthetic", "--num_clients=6", "--clients_per_round=4",
-          "--rounds=3", "--attacks=none,ipm", "--malicious_fractions=0.34",
+          "--rounds=3", "--attack_start=1",
+          "--attacks=none,ipm", "--malicious_fractions=0.34",
           "--aggregators=fedavg,scaffold,fp", "--presets=fp:prox_mu=0.05",
           f"--output_dir={tmp_path}"]
   cells = sweep.cells_from_flags(_parse(*argv))

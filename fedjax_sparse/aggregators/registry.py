@@ -7,6 +7,16 @@ from typing import Callable
 from fedjax_sparse.aggregators.base import Aggregator
 
 _REGISTRY: dict[str, Callable[..., Aggregator]] = {}
+# Names as the papers write them -> registry names (case-insensitive).
+ALIASES = {"cm": "median", "tm": "trimmed_mean", "cc": "centered_clipping",
+           "mkrum": "multi_krum", "m_krum": "multi_krum"}
+
+
+def canonical(name: str) -> str:
+  """The registry name of ``name`` (an alias such as ``cm`` or a name),
+  stripped; names that are neither come back unchanged."""
+  name = name.strip()
+  return ALIASES.get(name.lower(), name)
 
 
 def register(name: str, factory: Callable[..., Aggregator] | None = None):
@@ -22,13 +32,14 @@ def register(name: str, factory: Callable[..., Aggregator] | None = None):
 
 
 def get(name: str) -> Callable[..., Aggregator]:
-  """Returns the factory registered under ``name``."""
+  """Returns the factory registered under ``name`` (or its alias)."""
   try:
-    return _REGISTRY[name]
+    return _REGISTRY[canonical(name)]
   except KeyError:
     raise ValueError(
         f"unknown aggregator {name!r}; known aggregators: "
-        f"{', '.join(sorted(_REGISTRY))}") from None
+        f"{', '.join(sorted(_REGISTRY))} (aliases: "
+        f"{', '.join(f'{a}={n}' for a, n in ALIASES.items())})") from None
 
 
 def names() -> list[str]:

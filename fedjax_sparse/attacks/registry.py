@@ -8,6 +8,16 @@ from fedjax_sparse.attacks.base import DataAttack, UpdateAttack
 
 _UPDATE: dict[str, Callable[..., UpdateAttack]] = {}
 _DATA: dict[str, Callable[..., DataAttack]] = {}
+# Names as the papers write them -> registry names (case-insensitive).
+ALIASES = {"lfa": "label_flip", "bit_flip": "sign_flip",
+           "bitflip": "sign_flip"}
+
+
+def canonical(name: str) -> str:
+  """The registry name of ``name`` (an alias such as ``lfa`` or a name),
+  stripped; names that are neither come back unchanged."""
+  name = name.strip()
+  return ALIASES.get(name.lower(), name)
 
 
 def _register(table: dict, kind: str, name: str, factory):
@@ -34,7 +44,7 @@ def register_data(name: str, factory: Callable[..., DataAttack] | None = None):
 def get_update_attack(name: str) -> Callable[..., UpdateAttack]:
   """Returns the update attack factory registered under ``name``."""
   try:
-    return _UPDATE[name]
+    return _UPDATE[canonical(name)]
   except KeyError:
     hint = " (it is a data attack: use get_data_attack)" if name in _DATA else ""
     raise ValueError(
@@ -45,7 +55,7 @@ def get_update_attack(name: str) -> Callable[..., UpdateAttack]:
 def get_data_attack(name: str) -> Callable[..., DataAttack]:
   """Returns the data attack factory registered under ``name``."""
   try:
-    return _DATA[name]
+    return _DATA[canonical(name)]
   except KeyError:
     hint = " (it is an update attack: use get_update_attack)" if name in _UPDATE else ""
     raise ValueError(
@@ -67,8 +77,8 @@ def names() -> list[str]:
 
 
 def is_update_attack(name: str) -> bool:
-  return name in _UPDATE
+  return canonical(name) in _UPDATE
 
 
 def is_data_attack(name: str) -> bool:
-  return name in _DATA
+  return canonical(name) in _DATA

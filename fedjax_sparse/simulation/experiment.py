@@ -200,6 +200,16 @@ class ExperimentConfig:
   twin: bool = False
   output_dir: str = ""
 
+  def __post_init__(self):
+    # Aliases as the papers write them (cm, tm, lfa, ...) become registry
+    # names, so config.json and every check see one name.
+    from fedjax_sparse.aggregators.registry import canonical as agg_name
+    from fedjax_sparse.attacks.registry import canonical as attack_name
+    if isinstance(self.aggregator, str):
+      object.__setattr__(self, "aggregator", agg_name(self.aggregator))
+    if isinstance(self.attack, str):
+      object.__setattr__(self, "attack", attack_name(self.attack))
+
   def client_config(self) -> ClientConfig:
     return ClientConfig(optimizer=self.optimizer, lr=self.lr,
                         momentum=self.momentum, weight_decay=self.weight_decay,
@@ -323,6 +333,11 @@ class ExperimentConfig:
     if self.attack != "none" and self.num_malicious == 0:
       raise ValueError(f"--attack={self.attack} needs malicious clients: set "
                        "--malicious_fraction (e.g. 0.4)")
+    if self.attack != "none" and self.attack_start > self.rounds:
+      raise ValueError(
+          f"--attack_start={self.attack_start} is after the last round "
+          f"(--rounds={self.rounds}): --attack={self.attack} would never be "
+          f"active; lower --attack_start (1: from the first round)")
     if self.malicious_mode not in MALICIOUS_MODES:
       raise ValueError(f"unknown malicious_mode {self.malicious_mode!r}; "
                        f"choose one of {', '.join(MALICIOUS_MODES)}")
@@ -611,11 +626,15 @@ def round_record(cfg: ExperimentConfig, round_: int, seconds: float,
   if cfg.attack != "none":
     n_mal = int(get("num_malicious"))
     n_ben = cfg.clients_per_round - n_mal
+    active = bool(get("attack_active"))
+    # Detection rates only where there is an attack to detect.
     rec.update({
-        "attack_active": bool(get("attack_active")),
+        "attack_active": active,
         "num_malicious": n_mal,
-        "tpr": int(get("flagged_malicious")) / n_mal if n_mal else None,
-        "fpr": int(get("flagged_benign")) / n_ben if n_ben else None})
+        "tpr": (int(get("flagged_malicious")) / n_mal
+                if active and n_mal else None),
+        "fpr": (int(get("flagged_benign")) / n_ben
+                if active and n_ben else None)})
     space = _attack_space_of(cfg)
     if space is not None:
       rec["attack_space"] = space
@@ -643,12 +662,16 @@ def run_summary(cfg: ExperimentConfig, records: list[dict],
       "downlink_bits_total": sum(x["downlink_bits"] for x in records),
       "mean_tpr": _mean([x.get("tpr") for x in records if x.get("attack_active")]),
       "mean_fpr": _mean([x.get("fpr") for x in records if x.get("attack_active")]),
+      # Rounds in which the attack acted (None: no attack configured), so
+      # that a defence cannot seem to hold against an attack that never ran.
+      "attack_rounds": (None if cfg.attack == "none" else
+                        sum(1 for x in records if x.get("attack_active"))),
       "backend": jax.default_backend(),
   }
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True,
-                   fd=None) -> dict:
+                   fd=None, on_round=None) -> dict:
   """Runs (or resumes) an experiment and returns its summary dict.
 
   With an ``output_dir`` the run holds its lock
@@ -659,16 +682,20 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
   more rounds than ``cfg.rounds``, or round records that do not cover its
   checkpoint, or it cannot be written. Nothing is written before these
   checks.
+
+  ``on_round(record)`` (optional) is called after each round with the
+  round's record, as written to ``rounds.jsonl`` (e.g. to drive a sweep's
+  overall progress display).
   """
   exp = Experiment(cfg, fd)
   if not cfg.output_dir:
-    return _run_experiment(exp, cfg, progress)
+    return _run_experiment(exp, cfg, progress, on_round)
   with run_safety.output_lock(cfg.output_dir):
-    return _run_experiment(exp, cfg, progress)
+    return _run_experiment(exp, cfg, progress, on_round)
 
 
 def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
-                    progress: bool) -> dict:
+                    progress: bool, on_round=None) -> dict:
   out_dir = cfg.output_dir
   records: list[dict] = []
   state = exp.init_state()
@@ -704,6 +731,9 @@ def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
     io.atomic_write_json(cfg_path, _config_dict(cfg))
 
   start = int(state.round)
+  if out_dir:
+    # The records of the checkpointed rounds only; each round appends its own.
+    io.write_jsonl(rounds_path, records)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -745,7 +775,7 @@ def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
       last_eval = rec
     records.append(rec)
     if out_dir:
-      io.write_jsonl(rounds_path, records)
+      io.append_jsonl(rounds_path, [rec])
       # A resumed run recomputes the rounds after its checkpoint, exactly.
       if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
         io.save_checkpoint(ckpt, state)
@@ -761,6 +791,8 @@ def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
         post["l1_twin"] = f"{rec['l1_to_twin']:.3g}"
       bar.set_postfix(post)
       bar.update(1)
+    if on_round is not None:
+      on_round(rec)
   if bar is not None:
     bar.close()
   summary = run_summary(cfg, records, last_eval, compile_s,

@@ -113,6 +113,25 @@ def write_jsonl(path: str, records: list[dict]) -> None:
   atomic_write_text(path, "".join(_dumps(r) + "\n" for r in records))
 
 
+def append_jsonl(path: str, records: list[dict]) -> None:
+  """Appends one JSON line per record to ``path`` and syncs it; nan and inf
+  as null.
+
+  The lines already in the file are left as they are, so a run writes each
+  round's record once (rewriting the whole file each round costs O(R^2) over
+  a run of R rounds). A kill during the append leaves at most an
+  unterminated last line, which :func:`read_jsonl` skips.
+  """
+  data = "".join(_dumps(r) + "\n" for r in records).encode()
+  try:
+    with open(path, "ab") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise unwritable(path, e) from e
+
+
 def read_json(path: str) -> Any:
   """The JSON in ``path``.
 
@@ -137,6 +156,9 @@ def read_json(path: str) -> Any:
 def read_jsonl(path: str) -> list[dict]:
   """The records of a JSON-lines file.
 
+  An unterminated last line that is not JSON (an append cut short by a
+  kill, see :func:`append_jsonl`) is skipped.
+
   Raises:
     FileNotFoundError: there is no ``path``.
     ValueError: it cannot be read, or a line is not a JSON object (the
@@ -156,6 +178,10 @@ def read_jsonl(path: str) -> list[dict]:
     try:
       rec = json.loads(line)
     except ValueError as e:
+      if i == len(lines):
+        # Unterminated: an append (append_jsonl) cut short by a kill; every
+        # complete line ends with a newline.
+        break
       raise ValueError(f"{path} line {i} is not valid JSON ({e}): it was "
                        "damaged or written by something else") from None
     if not isinstance(rec, dict):

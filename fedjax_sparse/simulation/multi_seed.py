@@ -244,7 +244,8 @@ class SeedBatch:
 def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
               progress: bool = False, mode: str = "auto",
               batch: Optional[SeedBatch] = None,
-              output_dirs: Optional[Sequence[str]] = None) -> list[dict]:
+              output_dirs: Optional[Sequence[str]] = None,
+              on_round=None) -> list[dict]:
   """Runs ``cfg`` once per seed, all seeds in one compiled round step.
 
   Args:
@@ -258,6 +259,8 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
       ``"shard"`` (see :class:`SeedBatch`).
     batch: a prebuilt :class:`SeedBatch` of ``cfg`` and ``seeds`` (reuse its
       compiled step).
+    on_round: called as ``on_round(i, record)`` after each round, once per
+      seed (``i``: its index in ``seeds``).
     output_dirs: one directory per seed for its ``config.json``,
       ``rounds.jsonl`` and ``summary.json`` (the files of a separate run;
       default ``<cfg.output_dir>/seed_<s>/`` when ``cfg.output_dir`` is set).
@@ -283,15 +286,15 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
   if output_dirs is not None and len(output_dirs) != num:
     raise ValueError(f"{len(output_dirs)} output_dirs for {num} seeds")
   if not output_dirs:
-    return _run_seeds(cfg, b, progress, output_dirs)
+    return _run_seeds(cfg, b, progress, output_dirs, on_round)
   # Every seed's directory is locked as a separate run's would be (all or
   # none; see run_safety.output_lock).
   with run_safety.output_locks(output_dirs):
-    return _run_seeds(cfg, b, progress, output_dirs)
+    return _run_seeds(cfg, b, progress, output_dirs, on_round)
 
 
 def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
-               output_dirs: Optional[Sequence[str]]) -> list[dict]:
+               output_dirs: Optional[Sequence[str]], on_round=None) -> list[dict]:
   num = b.num_seeds
   cfgs = [dataclasses.replace(cfg, seed=s,
                               output_dir=output_dirs[i] if output_dirs else "")
@@ -331,6 +334,10 @@ def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
     for d, c in zip(output_dirs, cfgs):
       io.atomic_write_json(os.path.join(d, "config.json"), _config_dict(c))
   start = len(records[0])
+  if output_dirs:
+    # The records of the checkpointed rounds only; each round appends its own.
+    for d, recs in zip(output_dirs, records):
+      io.write_jsonl(os.path.join(d, "rounds.jsonl"), recs)
   t0 = time.perf_counter()
   step = b.round_step.lower(state, b.data).compile()
   compile_s = time.perf_counter() - t0
@@ -368,13 +375,16 @@ def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
       records[i].append(rec)
     if output_dirs:
       for d, recs in zip(output_dirs, records):
-        io.write_jsonl(os.path.join(d, "rounds.jsonl"), recs)
+        io.append_jsonl(os.path.join(d, "rounds.jsonl"), recs[-1:])
       if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
         io.save_checkpoint(ckpt, state)
     if bar is not None:
       bar.set_postfix({"loss": f"{float(np.mean(m['loss'])):.3f}",
                        "s/round": f"{seconds:.2f}"})
       bar.update(1)
+    if on_round is not None:
+      for i in range(num):
+        on_round(i, records[i][-1])
   if bar is not None:
     bar.close()
   wall = time.perf_counter() - t_run

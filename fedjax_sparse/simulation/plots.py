@@ -24,11 +24,13 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], path: str,
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  for name, records in runs.items():
-    pts = [(r["round"], r["accuracy"]) for r in records if "accuracy" in r]
+  curves = {name: tuple((r["round"], r["accuracy"]) for r in records
+                        if "accuracy" in r) for name, records in runs.items()}
+  labels = _curve_labels(curves)
+  for i, (name, pts) in enumerate(curves.items()):
     if pts:
       xs, ys = zip(*pts)
-      ax.plot(xs, ys, marker="o", markersize=3, label=name)
+      ax.plot(xs, ys, label=labels[name], **_style(i))
   if attack_start is not None:
     ax.axvline(attack_start, color="red", linestyle="--", linewidth=1,
                label=f"attack starts (round {attack_start})")
@@ -42,6 +44,29 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], path: str,
   fig.savefig(buf, format="png")
   plt.close(fig)
   io.atomic_write_bytes(path, buf.getvalue())
+
+
+# Runs drawn in one panel differ in colour, line style and marker, so that
+# a run whose curve equals another's stays visible under it.
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
+def _style(i: int) -> dict:
+  return {"linestyle": _STYLES[i % len(_STYLES)],
+          "marker": _MARKERS[i % len(_MARKERS)], "markersize": 3,
+          "linewidth": 1.6 if i == 0 else 1.2}
+
+
+def _curve_labels(curves: dict[str, tuple]) -> dict[str, str]:
+  """Legend labels; a curve equal to an earlier one is labelled so
+  (``"fedavg (= safesparse)"``): the two lines lie on each other."""
+  labels, seen = {}, {}
+  for name, pts in curves.items():
+    same = seen.get(pts)
+    labels[name] = f"{name} (= {same})" if same is not None and pts else name
+    seen.setdefault(pts, name)
+  return labels
 
 
 _LABELS = {"accuracy": "test accuracy", "asr": "attack success rate",
@@ -86,11 +111,14 @@ def plot_metric_curves(runs: dict[str, list[dict]], path: str,
   fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2),
                            dpi=110, squeeze=False)
   for ax, key in zip(axes[0], keys):
-    for name, records in runs.items():
-      pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+    curves = {name: tuple((r["round"], r[key]) for r in records
+                          if r.get(key) is not None)
+              for name, records in runs.items()}
+    labels = _curve_labels(curves)
+    for i, (name, pts) in enumerate(curves.items()):
       if pts:
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.plot(xs, ys, label=labels[name], **_style(i))
     if attack_start is not None:
       ax.axvline(attack_start, color="red", linestyle="--", linewidth=1,
                  label=f"attack starts (round {attack_start})")

@@ -129,12 +129,14 @@ class RoundConfig:
     if self.sparsify not in SPARSIFIERS:
       raise ValueError(f"unknown sparsify {self.sparsify!r}; choose one of "
                        f"{', '.join(SPARSIFIERS)}")
+    # Checked whatever the sparsifier: a value out of range is a mistake
+    # even where it has no effect.
+    if not 0.0 < self.topk_ratio <= 1.0:
+      raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
+    if not isinstance(self.pack_size, int) or self.pack_size < 1:
+      raise ValueError(f"pack_size must be an integer >= 1, got "
+                       f"{self.pack_size}")
     if self.sparsify == "topk":
-      if not 0.0 < self.topk_ratio <= 1.0:
-        raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
-      if not isinstance(self.pack_size, int) or self.pack_size < 1:
-        raise ValueError(f"pack_size must be an integer >= 1, got "
-                         f"{self.pack_size}")
       if d is not None:
         from fedjax_sparse.sparsify import check_topk_config
         check_topk_config(d, self.topk_ratio, self.pack_size)
