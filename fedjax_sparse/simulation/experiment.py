@@ -56,8 +56,7 @@ import functools
 import json
 import math
 import os
-import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -694,13 +693,39 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
     return _run_experiment(exp, cfg, progress, on_round)
 
 
-def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
-                    progress: bool, on_round=None) -> dict:
-  out_dir = cfg.output_dir
-  records: list[dict] = []
-  state = exp.init_state()
-  ckpt = os.path.join(out_dir, "checkpoint") if out_dir else ""
-  if out_dir:
+class SingleRunner:
+  """One :class:`Experiment` as a runner of
+  :func:`fedjax_sparse.simulation.loop.run_loop` (S = 1)."""
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+    cfg = exp.cfg
+    self.cfgs = [cfg]
+    self.output_dirs = [cfg.output_dir] if cfg.output_dir else None
+    self.checkpoint = (os.path.join(cfg.output_dir, "checkpoint")
+                       if cfg.output_dir else None)
+    self.data = exp.data
+    self.num_params = exp.layout.d
+    self.final_eval_keys = (
+        (["asr"] if exp.has_asr else [])
+        + (["targeted_accuracy", "oif"] if exp.has_targeted else [])
+        + (["twin_accuracy"] if cfg.twin else [])
+        + (["twin_targeted_accuracy"] if cfg.twin and exp.has_targeted
+           else []))
+
+  def init_state(self):
+    return self.exp.init_state()
+
+  def resume(self, state):
+    """The checkpointed state and its round records (or ``state`` and no
+    records); refuses what cannot be resumed exactly (ValueError). Writes
+    ``config.json``."""
+    cfg = self.exp.cfg
+    records: list[dict] = []
+    if not cfg.output_dir:
+      return state, [records]
+    out_dir = cfg.output_dir
+    ckpt = self.checkpoint
     cfg_path = os.path.join(out_dir, "config.json")
     rounds_path = os.path.join(out_dir, "rounds.jsonl")
     # Runs of earlier versions left a .npz checkpoint.
@@ -729,88 +754,41 @@ def _run_experiment(exp: Experiment, cfg: ExperimentConfig,
       run_safety.check_rounds(done, cfg.rounds, out_dir)
       records = run_safety.resumed_records(rounds_path, done, resume_from)
     io.atomic_write_json(cfg_path, _config_dict(cfg))
+    return state, [records]
 
-  start = int(state.round)
-  if out_dir:
-    # The records of the checkpointed rounds only; each round appends its own.
-    io.write_jsonl(rounds_path, records)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.rounds, initial=start, desc="rounds", unit="round",
-               dynamic_ncols=True)
-  t0 = time.perf_counter()
-  step = exp.round_step.lower(state, exp.data).compile()
-  compile_s = time.perf_counter() - t0
-  last_eval = next((r for r in reversed(records) if "accuracy" in r), None)
-  t_run = time.perf_counter()
-  for r in range(start, cfg.rounds):
-    t0 = time.perf_counter()
-    state, metrics = step(state, exp.data)
-    loss = float(metrics["loss"])
-    seconds = time.perf_counter() - t0
+  def compile(self, state):
+    return self.exp.round_step.lower(state, self.exp.data).compile()
+
+  def metrics(self, host: dict) -> list[dict]:
+    return [host]
+
+  def evaluate(self, state) -> list[dict]:
+    exp = self.exp
     main = exp.main_state(state)
-    rec = round_record(cfg, r + 1, seconds, lambda k: metrics[k])
-    if cfg.attack != "none":
-      # Escape ratios of the rule (hybrid paper 2.4), when it reports them.
-      rec.update({k[len("agg/"):]: float(v) for k, v in metrics.items()
-                  if k.startswith("agg/escape_ratio")})
-    if cfg.twin:
-      rec["l1_to_twin"] = float(metrics["l1_to_twin"])
-      rec["twin_loss"] = float(metrics["twin/loss"])
-    if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-      ev = exp.eval_state(main)
-      rec.update({"test_loss": ev["loss"], "accuracy": ev["accuracy"],
-                  "top5_accuracy": ev["top5_accuracy"]})
-      if exp.has_asr:
-        rec["asr"] = exp.asr_state(main)
-      if exp.has_targeted:
-        rec["targeted_accuracy"] = exp.targeted_accuracy_state(main)
-        rec["oif"] = exp.oif(rec["targeted_accuracy"])
-      if cfg.twin:
-        twin = exp.twin_state(state)
-        rec["twin_accuracy"] = exp.eval_state(twin)["accuracy"]
-        if exp.has_targeted:
-          rec["twin_targeted_accuracy"] = exp.targeted_accuracy_state(twin)
-      last_eval = rec
-    records.append(rec)
-    if out_dir:
-      io.append_jsonl(rounds_path, [rec])
-      # A resumed run recomputes the rounds after its checkpoint, exactly.
-      if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
-        io.save_checkpoint(ckpt, state)
-    if bar is not None:
-      post = {"loss": f"{loss:.3f}", "s/round": f"{seconds:.2f}"}
-      if last_eval is not None:
-        post["acc"] = f"{last_eval['accuracy']:.4f}"
-        if "asr" in last_eval:
-          post["asr"] = f"{last_eval['asr']:.4f}"
-        if "targeted_accuracy" in last_eval:
-          post["targeted"] = f"{last_eval['targeted_accuracy']:.4f}"
-      if cfg.twin:
-        post["l1_twin"] = f"{rec['l1_to_twin']:.3g}"
-      bar.set_postfix(post)
-      bar.update(1)
-    if on_round is not None:
-      on_round(rec)
-  if bar is not None:
-    bar.close()
-  summary = run_summary(cfg, records, last_eval, compile_s,
-                        time.perf_counter() - t_run, exp.layout.d)
-  if exp.has_asr:
-    summary["final_asr"] = last_eval.get("asr") if last_eval else None
-  if exp.has_targeted:
-    for k in ("targeted_accuracy", "oif"):
-      summary[f"final_{k}"] = last_eval.get(k) if last_eval else None
-    summary["test_size"] = int(exp.y_test.shape[0])
-  if cfg.twin:
-    summary["final_l1_to_twin"] = (records[-1].get("l1_to_twin") if records
-                                   else None)
-    twin_keys = ["twin_accuracy"]
+    ev = exp.eval_state(main)
+    rec = {"test_loss": ev["loss"], "accuracy": ev["accuracy"],
+           "top5_accuracy": ev["top5_accuracy"]}
+    if exp.has_asr:
+      rec["asr"] = exp.asr_state(main)
     if exp.has_targeted:
-      twin_keys.append("twin_targeted_accuracy")
-    for k in twin_keys:
-      summary[f"final_{k}"] = last_eval.get(k) if last_eval else None
-  if out_dir:
-    io.atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
-  return summary
+      rec["targeted_accuracy"] = exp.targeted_accuracy_state(main)
+      rec["oif"] = exp.oif(rec["targeted_accuracy"])
+    if exp.cfg.twin:
+      twin = exp.twin_state(state)
+      rec["twin_accuracy"] = exp.eval_state(twin)["accuracy"]
+      if exp.has_targeted:
+        rec["twin_targeted_accuracy"] = exp.targeted_accuracy_state(twin)
+    return [rec]
+
+  def summary_extras(self, i: int, records, last_eval) -> dict:
+    if self.exp.has_targeted:
+      return {"test_size": int(self.exp.y_test.shape[0])}
+    return {}
+
+
+def _run_experiment(exp: Experiment, cfg: ExperimentConfig, progress: bool,
+                    on_round=None) -> dict:
+  from fedjax_sparse.simulation.loop import run_loop
+  return run_loop(SingleRunner(exp), progress=progress,
+                  on_round=(None if on_round is None
+                            else lambda i, rec: on_round(rec)))[0]

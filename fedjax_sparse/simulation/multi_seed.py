@@ -18,8 +18,11 @@ agree with those separate runs to float rounding (``tests/test_scale.py``).
 
 Limits: update attacks whose construction depends on the seed (the saliency
 masks of ``hsa``/``dhsa`` are computed on each seed's initial model) cannot
-share one step and are refused, and the per-round extras of a separate run
-(escape ratios, the unattacked twin, targeted accuracy) are not recorded.
+share one step and are refused, and so are seeds of ``targeted_pgd`` that
+would draw different auxiliary sets. Every metric of a separate run is
+recorded (escape ratios, the unattacked twin of ``--twin``, ASR, targeted
+accuracy and OIF): both go through one loop,
+:func:`fedjax_sparse.simulation.loop.run_loop`.
 ``client_devices`` other than 1 works in the ``vmap`` and ``map`` modes
 (``shard_map`` under them), see ``tests/test_scale.py``. With output
 directories, a batch checkpoints its stacked state and resumes after a kill
@@ -40,8 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +55,10 @@ from fedjax_sparse.simulation.experiment import (SERVER_DATA_RULES,
                                                  Experiment, ExperimentConfig,
                                                  _config_dict,
                                                  _config_differences,
-                                                 build_data,
-                                                 round_record, run_summary)
+                                                 build_data)
 from fedjax_sparse.simulation.round import (RoundData, make_evaluate,
-                                            make_round_step)
+                                            make_round_step,
+                                            make_twin_round_step)
 
 
 MODES = ("auto", "vmap", "map", "shard")
@@ -73,11 +75,6 @@ def seed_mesh(num_seeds: int):
 def unbatchable_reason(cfg: ExperimentConfig) -> Optional[str]:
   """Why the seeds of ``cfg`` cannot share one step (None: they can)."""
   from fedjax_sparse import attacks as attacks_lib
-  if cfg.twin:
-    return "--twin trains an unattacked twin that the seed batch does not"
-  if cfg.attack == "targeted_pgd":
-    return ("--attack=targeted_pgd reports targeted accuracy, which the seed "
-            "batch does not")
   if cfg.attack != "none" and attacks_lib.is_update_attack(cfg.attack):
     from fedjax_sparse.attacks.builder import takes_mask
     if takes_mask(cfg.attack):
@@ -94,6 +91,19 @@ def _same(a, b) -> bool:
   if a is None or b is None:
     return a is None and b is None
   return a.shape == b.shape and bool(jnp.array_equal(a, b))
+
+
+def _check_same_aux(base: Experiment, exp: Experiment, seed: int) -> None:
+  """The seeds of a targeted attack must share its auxiliary set (they do
+  unless it is drawn from attackers that the seed picks)."""
+  a, b = base.targeted_aux, exp.targeted_aux
+  if a is None:
+    return
+  if not (np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)):
+    raise ValueError(
+        f"seed {seed} draws another auxiliary set for --attack="
+        f"{exp.cfg.attack} (aux_source=train with malicious_mode="
+        f"{exp.cfg.malicious_mode}): run the seeds separately")
 
 
 class SeedBatch:
@@ -159,6 +169,7 @@ class SeedBatch:
         base = exp
         datas.append(exp.data)
       else:
+        _check_same_aux(base, exp, s)
         # Only the fields that differ from the first seed's are kept.
         datas.append(RoundData(*(None if _same(a, b) else a
                                  for a, b in zip(exp.data, base.data))))
@@ -180,7 +191,8 @@ class SeedBatch:
     if mode == "shard":
       # Each device runs whole seeds: the client axis stays on one device.
       round_config = dataclasses.replace(round_config, client_devices=1)
-    step = make_round_step(
+    make_step = make_twin_round_step if cfg.twin else make_round_step
+    step = make_step(
         round_config, base.model.apply, base.aggregator, base.layout,
         n_max=fd.clients.idx.shape[1], has_model_state=base.has_model_state,
         update_attack=base.update_attack, data_attack=base.data_attack,
@@ -293,21 +305,48 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     return _run_seeds(cfg, b, progress, output_dirs, on_round)
 
 
-def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
-               output_dirs: Optional[Sequence[str]], on_round=None) -> list[dict]:
-  num = b.num_seeds
-  cfgs = [dataclasses.replace(cfg, seed=s,
-                              output_dir=output_dirs[i] if output_dirs else "")
-          for i, s in enumerate(b.seeds)]
-  state = b.init_state()
-  records: list[list[dict]] = [[] for _ in range(num)]
-  ckpt = None
-  if output_dirs:
-    ckpt_dir = os.path.join(output_dirs[0], "seed_batch")
-    ckpt = os.path.join(ckpt_dir, "checkpoint")
+class BatchRunner:
+  """A :class:`SeedBatch` as a runner of
+  :func:`fedjax_sparse.simulation.loop.run_loop`: S seeds, one output
+  directory each, the stacked state checkpointed in the first one's
+  ``seed_batch/``."""
+
+  def __init__(self, cfg: ExperimentConfig, b: SeedBatch,
+               output_dirs: Optional[Sequence[str]]):
+    self.batch = b
+    self.cfg = cfg
+    self.output_dirs = list(output_dirs) if output_dirs else None
+    self.cfgs = [dataclasses.replace(
+        cfg, seed=s, output_dir=output_dirs[i] if output_dirs else "")
+                 for i, s in enumerate(b.seeds)]
+    self.checkpoint = None
+    if output_dirs:
+      self.ckpt_dir = os.path.join(output_dirs[0], "seed_batch")
+      self.checkpoint = os.path.join(self.ckpt_dir, "checkpoint")
+    self.data = b.data
+    base = b.base
+    self.num_params = base.layout.d
+    self.final_eval_keys = (
+        (["asr"] if base.has_asr else [])
+        + (["targeted_accuracy", "oif"] if base.has_targeted else [])
+        + (["twin_accuracy"] if cfg.twin else [])
+        + (["twin_targeted_accuracy"] if cfg.twin and base.has_targeted
+           else []))
+
+  def init_state(self):
+    return self.batch.init_state()
+
+  def resume(self, state):
+    """As a single run's resume, for the stacked state: the batch resumes
+    only with the same seeds, directories and configuration."""
+    cfg, b = self.cfg, self.batch
+    records: list[list[dict]] = [[] for _ in range(b.num_seeds)]
+    if not self.output_dirs:
+      return state, records
+    ckpt, ckpt_dir = self.checkpoint, self.ckpt_dir
     meta_path = os.path.join(ckpt_dir, "batch.json")
     meta = {"seeds": b.seeds, "output_dirs": [os.path.abspath(d) for d in
-                                              output_dirs],
+                                              self.output_dirs],
             # rounds place a learning-rate decay: then a batch resumes
             # only with the same rounds.
             "config": {k: v for k, v in _config_dict(cfg).items()
@@ -328,77 +367,53 @@ def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
       run_safety.check_rounds(done, cfg.rounds, ckpt_dir)
       records = [run_safety.resumed_records(os.path.join(d, "rounds.jsonl"),
                                             done, ckpt)
-                 for d in output_dirs]
+                 for d in self.output_dirs]
     run_safety.prepare_output_dir(ckpt_dir)
     io.atomic_write_json(meta_path, meta)
-    for d, c in zip(output_dirs, cfgs):
+    for d, c in zip(self.output_dirs, self.cfgs):
       io.atomic_write_json(os.path.join(d, "config.json"), _config_dict(c))
-  start = len(records[0])
-  if output_dirs:
-    # The records of the checkpointed rounds only; each round appends its own.
-    for d, recs in zip(output_dirs, records):
-      io.write_jsonl(os.path.join(d, "rounds.jsonl"), recs)
-  t0 = time.perf_counter()
-  step = b.round_step.lower(state, b.data).compile()
-  compile_s = time.perf_counter() - t0
-  last_eval: list[Any] = [next((r for r in reversed(recs) if "accuracy" in r),
-                               None) for recs in records]
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.rounds, initial=start, desc=f"rounds x{num} seeds",
-               unit="round", dynamic_ncols=True)
-  t_run = time.perf_counter()
-  for r in range(start, cfg.rounds):
-    t0 = time.perf_counter()
-    state, metrics = step(state, b.data)
-    m = jax.device_get({k: metrics[k] for k in (
-        "loss", "update_norm", "uplink_bits", "downlink_bits", "attack_active",
-        "num_malicious", "flagged_malicious", "flagged_benign",
-        "nonfinite_clients")})
-    seconds = time.perf_counter() - t0
-    evals = asrs = None
-    if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-      evals = b.eval_state(state)
-      if b.base.has_asr:
-        asrs = [e["accuracy"] for e in
-                b.eval_state(state, b.base.x_asr, b.base.y_asr)]
-    for i in range(num):
-      rec = round_record(cfg, r + 1, seconds, lambda k, i=i: m[k][i])
-      if evals is not None:
-        rec.update({"test_loss": evals[i]["loss"],
-                    "accuracy": evals[i]["accuracy"],
-                    "top5_accuracy": evals[i]["top5_accuracy"]})
-        if asrs is not None:
-          rec["asr"] = asrs[i]
-        last_eval[i] = rec
-      records[i].append(rec)
-    if output_dirs:
-      for d, recs in zip(output_dirs, records):
-        io.append_jsonl(os.path.join(d, "rounds.jsonl"), recs[-1:])
-      if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == cfg.rounds:
-        io.save_checkpoint(ckpt, state)
-    if bar is not None:
-      bar.set_postfix({"loss": f"{float(np.mean(m['loss'])):.3f}",
-                       "s/round": f"{seconds:.2f}"})
-      bar.update(1)
-    if on_round is not None:
-      for i in range(num):
-        on_round(i, records[i][-1])
-  if bar is not None:
-    bar.close()
-  wall = time.perf_counter() - t_run
-  summaries = []
-  for i, cfg_s in enumerate(cfgs):
-    recs, ev = records[i], last_eval[i]
-    summary = run_summary(cfg_s, recs, ev, compile_s, wall, b.base.layout.d)
-    summary.update({"round_losses": [x["loss"] for x in recs],
-                    "seeds_per_step": num,
-                    "seed_batch": {"seeds": b.seeds, "mode": b.mode}})
-    if b.base.has_asr:
-      summary["final_asr"] = ev.get("asr") if ev else None
-    summaries.append(summary)
-    if output_dirs:
-      io.atomic_write_json(os.path.join(output_dirs[i], "summary.json"),
-                           summary)
-  return summaries
+    return state, records
+
+  def compile(self, state):
+    return self.batch.round_step.lower(state, self.batch.data).compile()
+
+  def metrics(self, host: dict) -> list[dict]:
+    return [{k: v[i] for k, v in host.items()}
+            for i in range(self.batch.num_seeds)]
+
+  def evaluate(self, state) -> list[dict]:
+    b, base = self.batch, self.batch.base
+    main = state.main if self.cfg.twin else state
+    recs = [{"test_loss": e["loss"], "accuracy": e["accuracy"],
+             "top5_accuracy": e["top5_accuracy"]} for e in b.eval_state(main)]
+    if base.has_asr:
+      for rec, e in zip(recs, b.eval_state(main, base.x_asr, base.y_asr)):
+        rec["asr"] = e["accuracy"]
+    if base.has_targeted:
+      for rec, e in zip(recs, b.eval_state(main, base.x_aux, base.y_aux)):
+        rec["targeted_accuracy"] = e["accuracy"]
+        rec["oif"] = base.oif(e["accuracy"])
+    if self.cfg.twin:
+      for rec, e in zip(recs, b.eval_state(state.twin)):
+        rec["twin_accuracy"] = e["accuracy"]
+      if base.has_targeted:
+        for rec, e in zip(recs, b.eval_state(state.twin, base.x_aux,
+                                             base.y_aux)):
+          rec["twin_targeted_accuracy"] = e["accuracy"]
+    return recs
+
+  def summary_extras(self, i: int, records, last_eval) -> dict:
+    b = self.batch
+    out = {"round_losses": [x["loss"] for x in records],
+           "seeds_per_step": b.num_seeds,
+           "seed_batch": {"seeds": b.seeds, "mode": b.mode}}
+    if b.base.has_targeted:
+      out["test_size"] = int(b.base.y_test.shape[0])
+    return out
+
+
+def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
+               output_dirs: Optional[Sequence[str]], on_round=None) -> list[dict]:
+  from fedjax_sparse.simulation.loop import run_loop
+  return run_loop(BatchRunner(cfg, b, output_dirs), progress=progress,
+                  on_round=on_round, desc=f"rounds x{b.num_seeds} seeds")
