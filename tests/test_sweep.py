@@ -126,10 +126,11 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
   victim = next(c for c in cells if c.name.startswith("ipm__median"))
   reference = io.read_jsonl(os.path.join(victim.dir, "rounds.jsonl"))
   shutil.rmtree(victim.dir)
-  run_experiment(dataclasses.replace(victim.config, rounds=1), progress=False)
+  # 2 of 3 rounds: a run shorter than attack_start (2) is refused.
+  run_experiment(dataclasses.replace(victim.config, rounds=2), progress=False)
   os.unlink(os.path.join(victim.dir, "summary.json"))
   partial = io.read_jsonl(os.path.join(victim.dir, "rounds.jsonl"))
-  assert [r["round"] for r in partial] == [1]
+  assert [r["round"] for r in partial] == [1, 2]
   assert sweep.write_report(cells, str(tmp_path))["rows"][
       cells.index(victim)]["status"].startswith("partial")
 
@@ -141,7 +142,7 @@ def test_sweep_runs_reports_skips_and_resumes(tmp_path):
   assert mtimes == {c.name: os.stat(os.path.join(c.dir, "summary.json")).st_mtime_ns
                     for c in others}
   resumed = io.read_jsonl(os.path.join(victim.dir, "rounds.jsonl"))
-  assert resumed[0] == partial[0]  # round 1 kept, not run again
+  assert resumed[:2] == partial  # rounds 1 and 2 kept, not run again
   assert _strip(resumed) == _strip(reference)
   rows = sweep.write_report(cells, str(tmp_path))["rows"]
   assert all(r["status"] == "done" for r in rows)
@@ -542,10 +543,12 @@ def test_batch_seeds_equal_separate_runs_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_batch_seeds_runs_unbatchable_cells_one_by_one(tmp_path):
+  # hsa builds its mask from each seed's initial model: no seed batch (the
+  # twin, unbatchable once, now batches).
   base = dataclasses.replace(BASE, output_dir=str(tmp_path), twin=True,
-                             client_devices=1)
+                             client_devices=1, attack_args="mask_method=random")
   cells = sweep.share_data_seed(sweep.make_cells(
-      base, attacks=["ipm"], aggregators=["fedavg"],
+      base, attacks=["hsa"], aggregators=["fedavg"],
       malicious_fractions=[0.34], seeds=[0, 1]))
   logs = []
   assert set(sweep.run_cells(cells, log=logs.append,
