@@ -91,8 +91,8 @@ def test_registry_names_and_errors():
                "centered_clipping", "signsgd", "fedsign", "robust_dpfl",
                "safesparse"]:
     assert name in agg_lib.names()
-  assert agg_lib.pre_names() == ["bucketing", "nnm"]
-  with pytest.raises(ValueError, match="known pre-aggregators: bucketing, nnm"):
+  assert agg_lib.pre_names() == ["bucketing", "clip", "nnm"]
+  with pytest.raises(ValueError, match="known pre-aggregators: bucketing, clip, nnm"):
     agg_lib.get_pre("nope")
   u, _, _ = _data(0)
   with pytest.raises(ValueError, match="K - f - 2"):

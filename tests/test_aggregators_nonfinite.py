@@ -14,7 +14,7 @@ import pytest
 
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators.base import AggContext, combine, combine_finite
-from fedjax_sparse.sparsify import clip_by_l2_norm
+from fedjax_sparse.aggregators.clipping import clip_by_l2_norm
 
 K, D = 6, 5
 KEY = jax.random.PRNGKey(0)

@@ -10,10 +10,12 @@ import pytest
 from fedjax_sparse import aggregators
 from fedjax_sparse.aggregators import AggContext, combine
 from fedjax_sparse import sparsify
-from fedjax_sparse.sparsify import (CountSketch, check_topk_config, clip_by_l2_norm,
-                                    fetchsgd, num_kept, num_packs, pack_topk,
-                                    pack_topk_batch, scalar_topk,
-                                    sparsefed, topk_by_magnitude, topk_mask)
+from fedjax_sparse.aggregators.clipping import clip_by_l2_norm
+from fedjax_sparse.aggregators.fetchsgd import fetchsgd
+from fedjax_sparse.aggregators.sparsefed import sparsefed
+from fedjax_sparse.sparsify import (CountSketch, check_topk_config, num_kept,
+                                    num_packs, pack_topk, pack_topk_batch,
+                                    scalar_topk, topk_by_magnitude, topk_mask)
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Aggregation rules behind one contract (see :mod:`.base`) and a registry."""
 
-from fedjax_sparse.aggregators.base import AggContext, AggOut, Aggregator, combine, expand_pack_mask
+from fedjax_sparse.aggregators.base import (AggContext, AggOut, Aggregator, combine,
+                                           expand_pack_mask, stateless)
 from fedjax_sparse.aggregators.registry import get, names, register
 from fedjax_sparse.aggregators.pre_registry import compose, get_pre, pre_names, register_pre
 from fedjax_sparse.aggregators import fedavg as _fedavg  # registers fedavg, nwfedavg
-from fedjax_sparse.aggregators import clipping as _clipping  # registers clipping
+from fedjax_sparse.aggregators import clipping as _clipping  # registers clipping; pre: clip
 from fedjax_sparse.aggregators import fednova as _fednova  # registers fednova
 from fedjax_sparse.aggregators import median as _median  # registers median
 from fedjax_sparse.aggregators import trimmed_mean as _trimmed_mean  # registers trimmed_mean
@@ -24,9 +25,9 @@ from fedjax_sparse.aggregators import flguardian as _flguardian  # registers flg
 from fedjax_sparse.aggregators import class_aware_masking as _cam  # registers class_aware_masking
 from fedjax_sparse.aggregators import bucketing as _bucketing  # pre-registers bucketing
 from fedjax_sparse.aggregators import nnm as _nnm  # pre-registers nnm
-from fedjax_sparse.sparsify import sparsefed as _sparsefed  # registers sparsefed
-from fedjax_sparse.sparsify import sketch as _sketch  # registers fetchsgd
+from fedjax_sparse.aggregators import sparsefed as _sparsefed  # registers sparsefed
+from fedjax_sparse.aggregators import fetchsgd as _fetchsgd  # registers fetchsgd
 
 __all__ = ["AggContext", "AggOut", "Aggregator", "combine", "compose",
            "expand_pack_mask", "get", "get_pre", "names", "pre_names",
-           "register", "register_pre"]
+           "register", "register_pre", "stateless"]

@@ -94,6 +94,32 @@ class Aggregator(NamedTuple):
   apply: ApplyFn
 
 
+def empty_state(d: int) -> tuple:
+  """The ``init`` of a rule without state: ``()`` whatever ``d``."""
+  del d
+  return ()
+
+
+def stateless(apply: Callable[..., AggOut]) -> Aggregator:
+  """An :class:`Aggregator` for a rule without state (optax's ``stateless``).
+
+  Args:
+    apply: ``apply(updates, masks, weights, key, ctx) -> AggOut``, the rule
+      without the state argument.
+
+  Returns:
+    ``Aggregator(empty_state, ...)`` whose ``apply`` takes and returns the
+    state ``()`` unchanged: ``(out, state) = agg.apply(state, updates, masks,
+    weights, key, ctx)`` like every rule, so wrappers (pre-aggregators, the
+    round step) need not tell the two kinds apart.
+  """
+
+  def apply_with_state(state, updates, masks, weights, key, ctx):
+    return apply(updates, masks, weights, key, ctx), state
+
+  return Aggregator(empty_state, apply_with_state)
+
+
 def expand_pack_mask(masks: Array, pack_size: int, d: int) -> Array:
   """``[..., n_packs]`` per-pack values -> ``[..., d]`` per-coordinate values.
 

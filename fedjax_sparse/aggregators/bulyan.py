@@ -74,7 +74,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sparse.aggregators import _common, _distances, _escape, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 Array = jax.Array
@@ -225,11 +225,7 @@ def bulyan(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator:
     raise ValueError("bulyan: mask_aware is not implemented for the paper's "
                      "rule; use bulyan_fast(mask_aware=True)")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del masks, weights, key
     k, _ = updates.shape
     f_ = _common.resolve_f(f, ctx)
@@ -253,9 +249,9 @@ def bulyan(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator:
                                                                 malicious)
     else:
       update, _ = closest_to_median_mean(selected, beta)
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)
 
 
 @register("bulyan_fast")
@@ -276,11 +272,7 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
     ``escape_ratio_trim``.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del weights, key
     k, d = updates.shape
     f_ = _common.resolve_f(f, ctx)
@@ -305,6 +297,6 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
                                                                 malicious)
     else:
       update = _order_stats.coordinate_trimmed_mean(selected, b, contrib)
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)

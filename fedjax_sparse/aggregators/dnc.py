@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -42,11 +42,7 @@ def dnc(num_coords: int = 10000, num_iters: int = 1, c: float = 1.0,
     raise ValueError("dnc: need num_coords >= 1, num_iters >= 1 and c >= 0; got "
                      f"{num_coords}, {num_iters}, {c}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     k, d = updates.shape
     f_ = _common.resolve_f(f, ctx)
     n_keep = k - int(c * f_)
@@ -74,6 +70,6 @@ def dnc(num_coords: int = 10000, num_iters: int = 1, c: float = 1.0,
     acceptance = good.astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
                                       ctx.pack_size, ctx.finite_uploads)
-    return AggOut(update, acceptance, {"scores": jnp.stack(all_scores)}), state
+    return AggOut(update, acceptance, {"scores": jnp.stack(all_scores)})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
 def _make(weighted: bool) -> Aggregator:
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     w = weights if weighted else jnp.ones_like(weights)
     ones = jnp.ones((updates.shape[0],), updates.dtype)
     update, acceptance = combine_finite(updates, masks, w, ones, ctx.pack_size,
                                         ctx.finite_uploads)
-    return AggOut(update, acceptance, {}), state
+    return AggOut(update, acceptance, {})
 
-  return Aggregator(init, apply)
+  return stateless(apply)
 
 
 @register("fedavg")

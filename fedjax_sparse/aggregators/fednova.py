@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -33,11 +33,7 @@ from fedjax_sparse.aggregators.registry import register
 def fednova() -> Aggregator:
   """FedNova aggregator (needs ``ctx.extra["local_steps"]``)."""
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     if "local_steps" not in ctx.extra:
       raise ValueError("fednova needs the clients' local step counts in "
@@ -65,6 +61,6 @@ def fednova() -> Aggregator:
     if masks is None:
       update = update * renorm
     update = tau_eff * update
-    return AggOut(update, acceptance, {"tau_eff": tau_eff}), state
+    return AggOut(update, acceptance, {"tau_eff": tau_eff})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -46,11 +46,7 @@ def fedsign() -> Aggregator:
     An :class:`Aggregator`. Diagnostics: ``density f32[K]``.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
     signs = jnp.sign(jnp.where(jnp.isnan(updates), 0.0, updates))
@@ -64,6 +60,6 @@ def fedsign() -> Aggregator:
                   & _common.finite_rows(updates)).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
                                       ctx.pack_size, ctx.finite_uploads)
-    return AggOut(update, acceptance, {"density": density}), state
+    return AggOut(update, acceptance, {"density": density})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.kmeans import kmeans
 
@@ -74,11 +74,7 @@ def flguardian(num_iters: int = 20) -> Aggregator:
     An :class:`Aggregator`. Diagnostics: ``trust f32[K]``.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key  # maximin seeding needs none
     k, d = updates.shape
     # inf/nan, or a squared norm beyond f32 (|u| > ~1e19): unusable.
@@ -87,7 +83,7 @@ def flguardian(num_iters: int = 20) -> Aggregator:
       acceptance = ok.astype(jnp.float32)
       update = _common.combine_accepted(updates, masks, weights, acceptance,
                                         ctx.pack_size, ctx.finite_uploads)
-      return AggOut(update, acceptance, {"trust": acceptance}), state
+      return AggOut(update, acceptance, {"trust": acceptance})
     x = _common.zero_rows(updates, ok)
     centred = x - _order_stats.coordinate_median(x)[None, :]
     slices = ctx.layout.slices() if ctx.layout is not None else [slice(0, d)]
@@ -108,6 +104,6 @@ def flguardian(num_iters: int = 20) -> Aggregator:
     acceptance = (ok & (trust >= median_trust)).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
                                       ctx.pack_size, ctx.finite_uploads)
-    return AggOut(update, acceptance, {"trust": trust}), state
+    return AggOut(update, acceptance, {"trust": trust})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -31,11 +31,7 @@ def fltrust() -> Aggregator:
     Diagnostics: ``cos f32[K]``.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del masks, weights, key
     if "server_update" not in ctx.extra:
       raise ValueError(
@@ -54,6 +50,6 @@ def fltrust() -> Aggregator:
     total = jnp.sum(trust)
     update = jnp.where(total > 0, norm0 * (trust @ units) / jnp.where(total > 0, total, 1.0),
                        0.0)
-    return AggOut(update, trust, {"cos": cos}), state
+    return AggOut(update, trust, {"cos": cos})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

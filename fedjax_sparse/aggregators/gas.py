@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 Array = jax.Array
@@ -58,11 +58,7 @@ def gas(base: str = "krum", p: int = 1000, f: Optional[int] = None) -> Aggregato
   if p < 1:
     raise ValueError(f"gas: the number of groups p must be >= 1, got {p}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     k, d = updates.shape
     f_ = _common.resolve_f(f, ctx)
     n_nearest = k - f_ - 2
@@ -93,6 +89,6 @@ def gas(base: str = "krum", p: int = 1000, f: Optional[int] = None) -> Aggregato
     acceptance = _common.lowest(scores, k - f_)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
                                       ctx.pack_size, ctx.finite_uploads)
-    return AggOut(update, acceptance, {"scores": scores}), state
+    return AggOut(update, acceptance, {"scores": scores})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -31,17 +31,13 @@ from __future__ import annotations
 from typing import Optional
 
 from fedjax_sparse.aggregators import _common, _distances, _escape
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
 def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
     f_ = _common.resolve_f(f, ctx)
@@ -58,9 +54,9 @@ def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
     if "malicious" in ctx.extra:
       diagnostics["escape_ratio"] = _escape.selection(acceptance,
                                                       ctx.extra["malicious"])
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)
 
 
 @register("krum")

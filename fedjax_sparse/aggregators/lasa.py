@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sparse.aggregators import _common, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 Array = jax.Array
@@ -100,11 +100,7 @@ def lasa(sparsity: float = 0.3, lambda_m: float = 1.0,
   if not 0.0 < sparsity <= 1.0:
     raise ValueError(f"lasa: sparsity must be in (0, 1], got {sparsity}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del masks, weights, key
     d = updates.shape[1]
     ok = _common.finite_rows(updates)
@@ -137,6 +133,6 @@ def lasa(sparsity: float = 0.3, lambda_m: float = 1.0,
     coord_weight = kept.T.astype(x.dtype)[:, seg]  # [K, d]
     update = _order_stats.sum_rows(coord_weight * x) / jnp.maximum(counts, 1.0)[seg]
     acceptance = jnp.mean(kept.astype(jnp.float32), axis=0)
-    return AggOut(update, acceptance, {"kept": kept}), state
+    return AggOut(update, acceptance, {"kept": kept})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common, _escape, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -40,11 +40,7 @@ def median(mask_aware: bool = False) -> Aggregator:
     Diagnostics: ``escape_ratio`` when ``ctx.extra`` has ``malicious``.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del weights, key
     contrib = (_common.coordinate_masks(masks, ctx.pack_size, updates.shape[1])
                if mask_aware else None)
@@ -55,6 +51,6 @@ def median(mask_aware: bool = False) -> Aggregator:
     else:
       update = _order_stats.coordinate_median(updates, contrib)
     acceptance = jnp.ones((updates.shape[0],), jnp.float32)
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)

@@ -1,9 +1,9 @@
 """Name -> pre-aggregator combinator registry.
 
-A pre-aggregator (bucketing, nearest-neighbour mixing) transforms the K
-updates before a base rule aggregates them, so its factory takes the base
-:class:`~fedjax_sparse.aggregators.base.Aggregator` as first argument and
-returns a new one::
+A pre-aggregator (clipping, bucketing, nearest-neighbour mixing) transforms
+the K updates before a base rule aggregates them, so its factory takes the
+base :class:`~fedjax_sparse.aggregators.base.Aggregator` as first argument
+and returns a new one::
 
   agg = get_pre("bucketing")(get("krum")(), s=2)
 
@@ -17,34 +17,13 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from fedjax_sparse.aggregators.base import Aggregator
+from fedjax_sparse.registry import Registry
 
-_PRE_REGISTRY: dict[str, Callable[..., Aggregator]] = {}
+PRE_RULES: Registry[Callable[..., Aggregator]] = Registry("pre-aggregator")
 
-
-def register_pre(name: str, factory: Callable[..., Aggregator] | None = None):
-  """Registers a pre-aggregator ``factory(base, **hparams)`` under ``name``."""
-
-  def _do(f):
-    if name in _PRE_REGISTRY:
-      raise ValueError(f"pre-aggregator {name!r} is already registered")
-    _PRE_REGISTRY[name] = f
-    return f
-
-  return _do(factory) if factory is not None else _do
-
-
-def get_pre(name: str) -> Callable[..., Aggregator]:
-  """Returns the pre-aggregator factory registered under ``name``."""
-  try:
-    return _PRE_REGISTRY[name]
-  except KeyError:
-    raise ValueError(
-        f"unknown pre-aggregator {name!r}; known pre-aggregators: "
-        f"{', '.join(sorted(_PRE_REGISTRY))}") from None
-
-
-def pre_names() -> list[str]:
-  return sorted(_PRE_REGISTRY)
+register_pre = PRE_RULES.register
+get_pre = PRE_RULES.get
+pre_names = PRE_RULES.names
 
 
 def compose(base: Aggregator, pre: Sequence[tuple[str, dict]]) -> Aggregator:

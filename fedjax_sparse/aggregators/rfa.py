@@ -81,7 +81,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sparse.aggregators import _common, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 # Defaults of each variant: (nu, max_iter, tol, init); see the module docstring.
@@ -184,11 +184,7 @@ def rfa(nu: Optional[float] = None, max_iter: Optional[int] = None,
     raise ValueError(f"rfa: unknown init {init!r}; choose one of "
                      f"{', '.join(INITS)}")
 
-  def init_fn(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del masks, key, ctx
     d = updates.shape[1]
     dtype = updates.dtype
@@ -248,6 +244,6 @@ def rfa(nu: Optional[float] = None, max_iter: Optional[int] = None,
     carry = (jnp.int32(0), v0, dist0, obj0, alpha, jnp.zeros((), bool))
     it, v, _, objective, beta, _ = lax.while_loop(cond, body, carry)
     acceptance = beta / jnp.maximum(jnp.sum(beta), jnp.finfo(dtype).tiny)
-    return AggOut(v, acceptance, {"objective": objective, "num_iters": it}), state
+    return AggOut(v, acceptance, {"objective": objective, "num_iters": it})
 
-  return Aggregator(init_fn, apply)
+  return stateless(apply)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.kmeans import two_means_1d
 
@@ -49,11 +49,7 @@ def robust_dpfl(score: str = "params") -> Aggregator:
   if score not in ("params", "update"):
     raise ValueError(f"robust_dpfl: score must be 'params' or 'update', got {score!r}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     # inf/nan, or a squared norm beyond f32 (|u| > ~1e19): unusable.
     usable = jnp.isfinite(jnp.sum(updates * updates, axis=1))
@@ -68,6 +64,6 @@ def robust_dpfl(score: str = "params") -> Aggregator:
     acceptance = (labels == 1).astype(jnp.float32)
     update = _common.combine_accepted(updates, masks, weights, acceptance,
                                       ctx.pack_size, ctx.finite_uploads)
-    return AggOut(update, acceptance, {"scores": scores, "centres": centres}), state
+    return AggOut(update, acceptance, {"scores": scores, "centres": centres})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

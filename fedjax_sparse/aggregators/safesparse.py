@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common, _escape
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.dbscan import dbscan
 
@@ -168,11 +168,7 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Agg
   if not 0.0 < gamma <= 1.0:
     raise ValueError(f"safesparse: gamma must be in (0, 1], got {gamma}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
     # 1. Sparse index mask inspection.
@@ -213,6 +209,6 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Agg
     if "malicious" in ctx.extra:
       diagnostics["escape_ratio"] = _escape.selection(acceptance,
                                                       ctx.extra["malicious"])
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)

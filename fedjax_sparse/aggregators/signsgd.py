@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -33,15 +33,11 @@ def signsgd(scale: float = 1.0) -> Aggregator:
     An :class:`Aggregator`; acceptance is all ones.
   """
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del masks, weights, key, ctx
     signs = jnp.sign(jnp.where(jnp.isnan(updates), 0.0, updates))
     vote = jnp.sign(_order_stats.sum_rows(signs))
     acceptance = jnp.ones((updates.shape[0],), jnp.float32)
-    return AggOut(scale * vote, acceptance, {}), state
+    return AggOut(scale * vote, acceptance, {})
 
-  return Aggregator(init, apply)
+  return stateless(apply)

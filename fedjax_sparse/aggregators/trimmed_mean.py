@@ -28,7 +28,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common, _escape, _order_stats
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
 
@@ -50,11 +50,7 @@ def trimmed_mean(f: Optional[int] = None, beta: Optional[float] = None,
   if beta is not None and not 0.0 <= beta < 0.5:
     raise ValueError(f"trimmed_mean: beta must be in [0, 0.5), got {beta}")
 
-  def init(d):
-    del d
-    return ()
-
-  def apply(state, updates, masks, weights, key, ctx):
+  def apply(updates, masks, weights, key, ctx):
     del weights, key
     k, d = updates.shape
     b = math.floor(beta * k) if beta is not None else _common.resolve_f(f, ctx)
@@ -72,6 +68,6 @@ def trimmed_mean(f: Optional[int] = None, beta: Optional[float] = None,
     else:
       update = _order_stats.coordinate_trimmed_mean(updates, b, contrib, beta_)
     acceptance = jnp.ones((k,), jnp.float32)
-    return AggOut(update, acceptance, diagnostics), state
+    return AggOut(update, acceptance, diagnostics)
 
-  return Aggregator(init, apply)
+  return stateless(apply)

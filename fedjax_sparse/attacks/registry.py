@@ -1,84 +1,74 @@
-"""Name -> attack factory registries (names as the papers write them)."""
+"""Name -> attack factory registries (names as the papers write them).
+
+Two :class:`~fedjax_sparse.registry.Registry` tables, update attacks and
+data attacks, that share one namespace (a name is registered in at most one
+of them) and one alias table.
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from fedjax_sparse.attacks.base import DataAttack, UpdateAttack
+from fedjax_sparse.registry import Registry
 
-_UPDATE: dict[str, Callable[..., UpdateAttack]] = {}
-_DATA: dict[str, Callable[..., DataAttack]] = {}
 # Names as the papers write them -> registry names (case-insensitive).
 ALIASES = {"lfa": "label_flip", "bit_flip": "sign_flip",
            "bitflip": "sign_flip"}
 
+UPDATE_ATTACKS: Registry[Callable[..., UpdateAttack]] = Registry(
+    "update attack", ALIASES)
+DATA_ATTACKS: Registry[Callable[..., DataAttack]] = Registry(
+    "data attack", ALIASES)
 
-def canonical(name: str) -> str:
-  """The registry name of ``name`` (an alias such as ``lfa`` or a name),
-  stripped; names that are neither come back unchanged."""
-  name = name.strip()
-  return ALIASES.get(name.lower(), name)
+canonical = UPDATE_ATTACKS.canonical
 
 
-def _register(table: dict, kind: str, name: str, factory):
-
-  def _do(f):
-    if name in _UPDATE or name in _DATA:
-      raise ValueError(f"attack {name!r} is already registered")
-    table[name] = f
-    return f
-
-  return _do(factory) if factory is not None else _do
+def _check_free(name: str) -> None:
+  if name in UPDATE_ATTACKS.names() or name in DATA_ATTACKS.names():
+    raise ValueError(f"attack {name!r} is already registered")
 
 
 def register_update(name: str, factory: Callable[..., UpdateAttack] | None = None):
   """Registers an update attack factory under ``name`` (usable as a decorator)."""
-  return _register(_UPDATE, "update", name, factory)
+  _check_free(name)
+  return UPDATE_ATTACKS.register(name, factory)
 
 
 def register_data(name: str, factory: Callable[..., DataAttack] | None = None):
   """Registers a data attack factory under ``name`` (usable as a decorator)."""
-  return _register(_DATA, "data", name, factory)
+  _check_free(name)
+  return DATA_ATTACKS.register(name, factory)
 
 
 def get_update_attack(name: str) -> Callable[..., UpdateAttack]:
   """Returns the update attack factory registered under ``name``."""
-  try:
-    return _UPDATE[canonical(name)]
-  except KeyError:
-    hint = " (it is a data attack: use get_data_attack)" if name in _DATA else ""
-    raise ValueError(
-        f"unknown update attack {name!r}{hint}; known update attacks: "
-        f"{', '.join(sorted(_UPDATE))}") from None
+  if name not in UPDATE_ATTACKS and name in DATA_ATTACKS:
+    raise UPDATE_ATTACKS.unknown(
+        name, " (it is a data attack: use get_data_attack)")
+  return UPDATE_ATTACKS.get(name)
 
 
 def get_data_attack(name: str) -> Callable[..., DataAttack]:
   """Returns the data attack factory registered under ``name``."""
-  try:
-    return _DATA[canonical(name)]
-  except KeyError:
-    hint = " (it is an update attack: use get_update_attack)" if name in _UPDATE else ""
-    raise ValueError(
-        f"unknown data attack {name!r}{hint}; known data attacks: "
-        f"{', '.join(sorted(_DATA))}") from None
+  if name not in DATA_ATTACKS and name in UPDATE_ATTACKS:
+    raise DATA_ATTACKS.unknown(
+        name, " (it is an update attack: use get_update_attack)")
+  return DATA_ATTACKS.get(name)
 
 
-def update_attack_names() -> list[str]:
-  return sorted(_UPDATE)
-
-
-def data_attack_names() -> list[str]:
-  return sorted(_DATA)
+update_attack_names = UPDATE_ATTACKS.names
+data_attack_names = DATA_ATTACKS.names
 
 
 def names() -> list[str]:
   """Every registered attack name, update and data attacks together."""
-  return sorted(set(_UPDATE) | set(_DATA))
+  return sorted(set(UPDATE_ATTACKS.names()) | set(DATA_ATTACKS.names()))
 
 
 def is_update_attack(name: str) -> bool:
-  return canonical(name) in _UPDATE
+  return name in UPDATE_ATTACKS
 
 
 def is_data_attack(name: str) -> bool:
-  return canonical(name) in _DATA
+  return name in DATA_ATTACKS

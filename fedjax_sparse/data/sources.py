@@ -35,6 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from fedjax_sparse.registry import Registry
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_MNIST_DIR = "/usr/share/datasets/mnist"
 
@@ -566,17 +568,17 @@ def load_tfds(name: str,
 # ----------------------------------------------------------------------------
 # Registry.
 
-_LOADERS: dict[str, Callable[..., tuple[ArrayDataset, ArrayDataset]]] = {
-    "fashion_mnist": load_fashion_mnist,
-    "mnist": load_mnist,
-    "digits": load_digits,
-    "synthetic": lambda data_dir=None, **kw: synthetic(**kw),
-}
+_LOADERS: Registry[Callable[..., tuple[ArrayDataset, ArrayDataset]]] = \
+    Registry("dataset")
+_LOADERS.register("fashion_mnist", load_fashion_mnist)
+_LOADERS.register("mnist", load_mnist)
+_LOADERS.register("digits", load_digits)
+_LOADERS.register("synthetic", lambda data_dir=None, **kw: synthetic(**kw))
 
 
 def names() -> list[str]:
   """Known dataset names (any ``tfds:<name>`` is accepted as well)."""
-  return sorted(_LOADERS) + [_TFDS_PREFIX + n for n in TFDS_NAMES]
+  return _LOADERS.names() + [_TFDS_PREFIX + n for n in TFDS_NAMES]
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
@@ -590,7 +592,7 @@ def _split_name(name: str) -> tuple[str, str | None]:
   if name not in _LOADERS:
     raise ValueError(f"unknown dataset {name!r}; known datasets: "
                      f"{', '.join(names())} (or tfds:<any TFDS name>)")
-  return name, None
+  return _LOADERS.canonical(name), None
 
 
 def load(name: str,
@@ -616,7 +618,7 @@ def load(name: str,
   kind, tfds_name = _split_name(name)
   if kind == "tfds":
     return load_tfds(tfds_name, data_dir, **kwargs)
-  return _LOADERS[kind](data_dir, **kwargs)
+  return _LOADERS.get(kind)(data_dir, **kwargs)
 
 
 def check_available(name: str, data_dir: str | os.PathLike | None = None) -> None:

@@ -13,6 +13,7 @@ from fedjax_sparse.models import layers
 from fedjax_sparse.models.cnn import CNN2, LeNet5
 from fedjax_sparse.models.mlp import MLP
 from fedjax_sparse.models.resnet import NORMS, ResNet20
+from fedjax_sparse.registry import Registry
 
 Width = int | Sequence[int] | None
 
@@ -64,18 +65,17 @@ def _width_tuple(width: Width, n: int, name: str) -> tuple[int, ...]:
   return tuple(int(w) for w in width)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    "mlp_bn": _mlp_bn,
-    "cnn2": _cnn2,
-    "lenet": _lenet,
-    "resnet20": _resnet20,
-}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS.register("mlp", _mlp)
+MODELS.register("mlp_bn", _mlp_bn)
+MODELS.register("cnn2", _cnn2)
+MODELS.register("lenet", _lenet)
+MODELS.register("resnet20", _resnet20)
 
 
 def names() -> list[str]:
   """The registered model names."""
-  return sorted(_REGISTRY)
+  return MODELS.names()
 
 
 def get_model(name: str, num_classes: int, *, conv_impl: str = "auto",
@@ -112,9 +112,7 @@ def get_model(name: str, num_classes: int, *, conv_impl: str = "auto",
     ValueError: for an unknown name, conv impl or norm, or a malformed width;
       the message lists the accepted values.
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; known models: "
-                     f"{', '.join(names())}")
+  factory = MODELS.get(name)
   if conv_impl not in layers.CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {conv_impl!r}; known: "
                      f"{', '.join(layers.CONV_IMPLS)}")
@@ -122,7 +120,7 @@ def get_model(name: str, num_classes: int, *, conv_impl: str = "auto",
     raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
   if num_classes < 1:
     raise ValueError(f"num_classes must be positive, got {num_classes}.")
-  return _REGISTRY[name](num_classes, conv_impl, norm, width, **kwargs)
+  return factory(num_classes, conv_impl, norm, width, **kwargs)
 
 
 def count_params(params: Any) -> int:

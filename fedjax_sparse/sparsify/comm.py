@@ -26,6 +26,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_sparse.sparsify._common import resolve_k
 from fedjax_sparse.sparsify.topk import check_k, check_topk_config, num_kept, num_packs
 
 Array = jax.Array
@@ -158,3 +159,13 @@ def round_comm(d: int, num_clients: int, *, ratio: Optional[float] = None,
   down = dense_bits(d, value_bits) if downlink_k is None else topk_bits(
       d, downlink_k, value_bits)
   return RoundComm(up, down, num_clients)
+
+
+def fetchsgd_round_comm(d: int, rows: int, cols: int, k,
+                        num_clients: int) -> RoundComm:
+  """Bits per round of FetchSGD: ``32 r c`` up, a top-k update down, per client.
+
+  ``k`` as FetchSGD takes it: an int >= 1 or a fraction of ``d``.
+  """
+  return round_comm(d, num_clients, sketch=(rows, cols),
+                    downlink_k=resolve_k(k, d))

@@ -25,7 +25,9 @@ Choices (each one setting away from the paper):
 
 * Clipping is applied by the aggregator to the updates it receives (the paper
   clips on the device; a server that enforces the bound is what makes it a
-  defence against clients that skip it). ``clip_norm=inf`` disables it.
+  defence against clients that skip it), with the library's one clip step
+  (:func:`~fedjax_sparse.aggregators.clipping.clip_step`, also the
+  ``"clip"`` pre-aggregator's and FetchSGD's). ``clip_norm=inf`` disables it.
 * The mean is unweighted (Alg. 1: ``1/n sum_i``); ``weighted=True`` uses the
   clients' dataset sizes instead (ours).
 * Momentum factor masking zeroes ``R`` on the k selected coordinates
@@ -38,7 +40,8 @@ Choices (each one setting away from the paper):
   ``lr_schedule(ctx.round)`` when given, else from the traced scalar
   ``ctx.extra["lr"]`` that the round step passes in.
 * Non-finite and huge rows (ours): a row at ``1e30`` is clipped to norm ``L``
-  (norms without overflow, :func:`~fedjax_sparse.sparsify.clip_by_l2_norm`);
+  (norms without overflow,
+  :func:`~fedjax_sparse.aggregators.clipping.clip_by_l2_norm`);
   a row with ``inf``/``nan`` is left out of the mean (acceptance 0,
   :func:`~fedjax_sparse.aggregators.base.combine_finite`), so no ``nan`` ever
   enters ``R`` or ``W``, which would keep it forever. With clipping, ``||u||
@@ -50,6 +53,7 @@ Choices (each one setting away from the paper):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import flax.struct
@@ -57,11 +61,9 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_finite
+from fedjax_sparse.aggregators.clipping import check_clip_config, clip_step
 from fedjax_sparse.aggregators.registry import register
-from fedjax_sparse.sparsify._common import (check_clip_config, check_k_spec,
-                                            check_rho, clip_by_l2_norm,
-                                            clip_threshold, resolve_k)
-from fedjax_sparse.sparsify.topk import TOPK_METHODS, topk_mask
+from fedjax_sparse.sparsify import TOPK_METHODS, check_k_spec, resolve_k, topk_mask
 
 Array = jax.Array
 
@@ -79,11 +81,29 @@ class SparseFedState:
   error: Array
 
 
-def _client_mean(clipped: Array, masks, weights: Array, weighted: bool,
+def check_rho(rho) -> None:
+  """Server momentum ``rho`` in ``[0, 1)``."""
+  if isinstance(rho, bool) or not isinstance(rho, numbers.Real) \
+      or not 0.0 <= float(rho) < 1.0:
+    raise ValueError(f"momentum rho must be in [0, 1), got {rho!r}")
+
+
+def check_topk_method(topk_method: str) -> None:
+  """``topk_method`` is one of :data:`fedjax_sparse.sparsify.TOPK_METHODS`."""
+  if topk_method not in TOPK_METHODS:
+    raise ValueError(f"unknown top-k method {topk_method!r}; known: "
+                     f"{', '.join(TOPK_METHODS)}")
+
+
+def client_mean(clipped: Array, masks, weights: Array, weighted: bool,
                 mask_aware: bool, pack_size: int,
                 assume_finite: bool) -> tuple[Array, Array]:
   """The round's aggregate ``u`` (unweighted mean unless ``weighted``) and
-  the acceptance (0 for rows with inf/nan, left out of the mean)."""
+  the acceptance (0 for rows with inf/nan, left out of the mean).
+
+  ``mask_aware`` averages each pack over the clients that sent it (FLARE
+  Alg. 2); otherwise the zero-filled dense views are averaged.
+  """
   w = weights if weighted else jnp.ones((clipped.shape[0],), clipped.dtype)
   ones = jnp.ones((clipped.shape[0],), clipped.dtype)
   return combine_finite(clipped, masks if mask_aware else None, w, ones,
@@ -110,7 +130,7 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
       averages uniformly).
     mask_aware: with sparse uploads, average each pack over the clients that
       sent it (FLARE Alg. 2) instead of the zero-filled mean (ours).
-    topk_method: see :data:`fedjax_sparse.sparsify.topk.TOPK_METHODS`.
+    topk_method: see :data:`fedjax_sparse.sparsify.TOPK_METHODS`.
 
   Returns:
     An :class:`~fedjax_sparse.aggregators.Aggregator` whose ``update`` is
@@ -121,10 +141,7 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
   check_clip_config(clip_norm, adaptive_clip)
   check_k_spec(k)
   check_rho(rho)
-  if topk_method not in TOPK_METHODS:
-    raise ValueError(f"unknown top-k method {topk_method!r}; known: "
-                     f"{', '.join(TOPK_METHODS)}")
-  no_clip = math.isinf(float(clip_norm)) and not adaptive_clip
+  check_topk_method(topk_method)
 
   def init(d: int) -> SparseFedState:
     resolve_k(k, d)  # fails here, before anything is compiled
@@ -135,13 +152,10 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
     del key
     d = updates.shape[1]
     kk = resolve_k(k, d)
-    lim = clip_threshold(clip_norm, adaptive_clip, lr_schedule, ctx)
-    if no_clip:
-      clipped, scale = updates, jnp.ones((updates.shape[0],), updates.dtype)
-    else:
-      clipped, scale = clip_by_l2_norm(updates, lim)
-    u, acceptance = _client_mean(clipped, masks, weights, weighted, mask_aware,
-                                 ctx.pack_size, ctx.finite_uploads)
+    clipped, scale, lim = clip_step(updates, clip_norm, ctx, adaptive_clip,
+                                    lr_schedule)
+    u, acceptance = client_mean(clipped, masks, weights, weighted, mask_aware,
+                                ctx.pack_size, ctx.finite_uploads)
     momentum = rho * state.momentum + u
     error = state.error + momentum
     selected = topk_mask(error, kk, topk_method)
