@@ -51,3 +51,17 @@ def test_entry_points_name_existing_functions():
   for name in ("run", "sweep", "demo"):
     main = importlib.import_module(f"experiments.{name}").main
     assert main.__code__.co_argcount == 0
+
+
+def test_the_binaries_keep_compiled_programs_in_the_cache(tmp_path):
+  import subprocess
+  import sys
+  cache = tmp_path / "cache"
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--dataset=synthetic",
+       "--num_clients=4", "--clients_per_round=4", "--rounds=1",
+       f"--compilation_cache_dir={cache}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert any(p.name.endswith("-cache") for p in cache.iterdir())
