@@ -49,6 +49,7 @@ import optax
 from fedjax_sparse.aggregators import _common, _order_stats
 from fedjax_sparse.aggregators.base import AggOut, Aggregator
 from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.requirements import MODEL, declare
 from fedjax_sparse.sparsify.topk import topk_mask
 
 Array = jax.Array
@@ -98,6 +99,7 @@ def _check(p, beta, gamma, mode, num_clients, val_x, val_y):
 
 
 @register("class_aware_masking")
+@declare(MODEL)
 def class_aware_masking(apply_fn: Callable[..., Array],
                         unravel: Callable[[Array], Any],
                         val_x, val_y, num_clients: int, p: float = 0.5,

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from fedjax_sparse.aggregators import _common
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.requirements import SERVER_DATA, declare
 
 
 @register("fltrust")
+@declare(SERVER_DATA)
 def fltrust() -> Aggregator:
   """Trust-weighted average of updates rescaled to the server update's norm.
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedjax_sparse.attacks.base import DataAttack
 from fedjax_sparse.attacks.registry import register_data
+from fedjax_sparse.requirements import declare
 
 Array = jax.Array
 
@@ -208,7 +209,33 @@ def label_flip(num_classes: int, mapping: str = "reverse",
   return DataAttack(apply, num_classes)
 
 
+def _pixel_asr_set(kw: dict, x: np.ndarray, y: np.ndarray):
+  """The ASR test set of ``pixel_backdoor``: non-target samples stamped with
+  its trigger (by default DBA's global trigger), labelled the target."""
+  trigger = kw.get("trigger")
+  if trigger is None:
+    trigger = global_trigger(dba_triggers(x.shape[1:]))
+  return backdoor_test_set(x, y, trigger, kw["target_label"])
+
+
+def _dba_asr_set(kw: dict, x: np.ndarray, y: np.ndarray):
+  """The ASR test set of ``dba``: with the global trigger, the union of the
+  local ones."""
+  triggers = kw.get("triggers")
+  if triggers is None:
+    triggers = dba_triggers(x.shape[1:], kw["num_triggers"])
+  return backdoor_test_set(x, y, global_trigger(triggers), kw["target_label"])
+
+
+def _semantic_asr_set(kw: dict, x: np.ndarray, y: np.ndarray):
+  """The ASR test set of ``semantic_backdoor``: the samples of class
+  ``source`` labelled ``target``."""
+  keep = y == kw["source"]
+  return x[keep], np.full((int(keep.sum()),), kw["target"], np.int32)
+
+
 @register_data("pixel_backdoor")
+@declare(asr_eval_set=_pixel_asr_set)
 def pixel_backdoor(num_classes: int, target_label: int = 0,
                    poison_fraction: float = 0.2,
                    trigger: Optional[Trigger] = None) -> DataAttack:
@@ -235,6 +262,7 @@ def pixel_backdoor(num_classes: int, target_label: int = 0,
 
 
 @register_data("dba")
+@declare(asr_eval_set=_dba_asr_set)
 def dba(num_classes: int, target_label: int = 0, poison_fraction: float = 0.2,
         num_triggers: int = 4, triggers: Optional[Sequence[Trigger]] = None) -> DataAttack:
   """Distributed backdoor attack (Xie et al. 2020; class_aware_masking.txt 4, 5.1.3).
@@ -273,6 +301,7 @@ def dba(num_classes: int, target_label: int = 0, poison_fraction: float = 0.2,
 
 
 @register_data("semantic_backdoor")
+@declare(asr_eval_set=_semantic_asr_set)
 def semantic_backdoor(num_classes: int, source: int = 7, target: int = 1,
                       fraction: float = 1.0) -> DataAttack:
   """Semantic backdoor: relabel class ``source`` as ``target`` (sparsefed.txt 3.2,

@@ -33,6 +33,7 @@ import numpy as np
 
 from fedjax_sparse.attacks.base import UpdateAttack, no_state, replace_malicious
 from fedjax_sparse.attacks.registry import register_update
+from fedjax_sparse.requirements import AUX_SET, declare
 
 Array = jax.Array
 PyTree = Any
@@ -122,6 +123,7 @@ def make_auxiliary_set(x: np.ndarray, y: np.ndarray, size: int, num_classes: int
 
 
 @register_update("targeted_pgd")
+@declare(AUX_SET)
 def targeted_pgd(loss_fn: Optional[Callable] = None, unravel: Optional[Callable] = None,
                  aux_x: Optional[Array] = None, aux_y: Optional[Array] = None,
                  clip_norm: float = 1.0, lr: float = 0.1, steps: int = 10,

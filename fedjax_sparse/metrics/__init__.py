@@ -3,8 +3,9 @@ success rate, detection rates, outsized impact factor, model distance and
 communication. Pure functions of arrays (jittable where they take arrays)."""
 
 from fedjax_sparse.metrics.accuracy import accuracy, top_k_accuracy, top_k_correct
-from fedjax_sparse.metrics.backdoor import (BACKDOOR_ATTACKS, attack_success_rate,
-                                            backdoor_eval_set)
+from fedjax_sparse.metrics.backdoor import (attack_success_rate,
+                                            backdoor_attacks, backdoor_eval_set,
+                                            is_backdoor)
 from fedjax_sparse.metrics.communication import (bits_to_megabytes,
                                                  communication_totals,
                                                  compression_ratio,
@@ -15,7 +16,7 @@ from fedjax_sparse.metrics.impact import (influence, l1_distance,
                                           outsized_impact_factor)
 
 __all__ = [
-    "BACKDOOR_ATTACKS", "Detection", "accuracy", "attack_success_rate",
+    "Detection", "backdoor_attacks", "is_backdoor", "accuracy", "attack_success_rate",
     "backdoor_eval_set", "bits_to_megabytes", "communication_totals",
     "compression_ratio", "dense_uplink_bits", "detection", "detection_rates",
     "flagged", "influence", "l1_distance", "outsized_impact_factor",

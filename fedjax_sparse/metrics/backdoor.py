@@ -18,10 +18,6 @@ import numpy as np
 
 Array = jax.Array
 
-# Data attacks whose success is an ASR on a triggered test set.
-BACKDOOR_ATTACKS = ("pixel_backdoor", "dba", "semantic_backdoor")
-
-
 def attack_success_rate(logits: Array, target: Array | int,
                         mask: Optional[Array] = None) -> Array:
   """Fraction of (triggered, non-target) examples predicted as ``target``.
@@ -42,27 +38,42 @@ def attack_success_rate(logits: Array, target: Array | int,
   return jnp.sum(hits * m) / jnp.sum(m)
 
 
-def _defaults(attack: str) -> dict:
+def is_backdoor(attack: str) -> bool:
+  """Whether ``attack``'s success is an ASR on a triggered test set (its
+  factory declares an ``asr_eval_set`` hook, see
+  :mod:`fedjax_sparse.requirements`)."""
+  from fedjax_sparse.requirements import attack_hook
+  try:
+    return attack_hook(attack, "asr_eval_set") is not None
+  except ValueError:
+    return False
+
+
+def backdoor_attacks() -> list[str]:
+  """The registered backdoor attacks (:func:`is_backdoor`)."""
   from fedjax_sparse import attacks as attacks_lib
-  sig = inspect.signature(attacks_lib.get_data_attack(attack))
+  return [n for n in attacks_lib.names() if is_backdoor(n)]
+
+
+def _defaults(attack: str) -> dict:
+  from fedjax_sparse.requirements import attack_factory
+  sig = inspect.signature(attack_factory(attack))
   return {n: p.default for n, p in sig.parameters.items()
           if p.default is not inspect.Parameter.empty}
 
 
 def backdoor_eval_set(attack: str, attack_kwargs: dict, x: np.ndarray,
                       y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The ASR test set of a backdoor attack built as the attack is configured.
-
-  * ``pixel_backdoor``: the non-target samples stamped with the attack's
-    trigger (by default DBA's global trigger) and labelled ``target_label``;
-  * ``dba``: the same with the global trigger, the union of the local ones;
-  * ``semantic_backdoor``: the samples of class ``source`` labelled
-    ``target``.
+  """The ASR test set of a backdoor attack built as the attack is configured
+  (the attack's ``asr_eval_set`` hook; for the built-in ones: the
+  non-target samples stamped with the trigger and labelled the target for
+  ``pixel_backdoor`` and ``dba``, the samples of the source class labelled
+  the target for ``semantic_backdoor``).
 
   The accuracy on the returned set is the ASR.
 
   Args:
-    attack: one of :data:`BACKDOOR_ATTACKS`.
+    attack: a backdoor attack (:func:`backdoor_attacks`).
     attack_kwargs: the attack's keyword arguments (``--attack_args``);
       missing ones take the attack factory's defaults.
     x: test examples ``[N, ...]``.
@@ -71,23 +82,9 @@ def backdoor_eval_set(attack: str, attack_kwargs: dict, x: np.ndarray,
   Returns:
     ``(x_asr, y_target int32)`` numpy arrays (possibly empty).
   """
-  from fedjax_sparse.attacks import data as data_attacks
-  if attack not in BACKDOOR_ATTACKS:
+  if not is_backdoor(attack):
     raise ValueError(f"{attack!r} is not a backdoor attack; choose one of "
-                     f"{', '.join(BACKDOOR_ATTACKS)}")
+                     f"{', '.join(backdoor_attacks())}")
+  from fedjax_sparse.requirements import attack_hook
   kw = {**_defaults(attack), **attack_kwargs}
-  x = np.asarray(x)
-  y = np.asarray(y)
-  if attack == "semantic_backdoor":
-    keep = y == kw["source"]
-    return x[keep], np.full((int(keep.sum()),), kw["target"], np.int32)
-  if attack == "pixel_backdoor":
-    trigger = kw.get("trigger")
-    if trigger is None:
-      trigger = data_attacks.global_trigger(data_attacks.dba_triggers(x.shape[1:]))
-  else:
-    triggers = kw.get("triggers")
-    if triggers is None:
-      triggers = data_attacks.dba_triggers(x.shape[1:], kw["num_triggers"])
-    trigger = data_attacks.global_trigger(triggers)
-  return data_attacks.backdoor_test_set(x, y, trigger, kw["target_label"])
+  return attack_hook(attack, "asr_eval_set")(kw, np.asarray(x), np.asarray(y))

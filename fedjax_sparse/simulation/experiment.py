@@ -66,6 +66,7 @@ from fedjax_sparse import aggregators as aggregators_lib
 from fedjax_sparse import data as data_lib
 from fedjax_sparse import metrics as metrics_lib
 from fedjax_sparse import models as models_lib
+from fedjax_sparse import requirements
 from fedjax_sparse.client.local import ClientConfig
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.simulation import io
@@ -78,11 +79,6 @@ from fedjax_sparse.simulation.round import (RoundConfig, RoundData,
 
 PARTITIONS = ("iid", "dirichlet", "shards", "one_class")
 MALICIOUS_MODES = ("first", "random")
-# Rules that need the server to train on its own data each round (the
-# validation split, --val_size): FLTrust's root set.
-SERVER_DATA_RULES = ("fltrust",)
-# Rules built with the model and the server's per-class validation data.
-MODEL_AWARE_RULES = ("class_aware_masking",)
 
 
 def parse_kwargs(text: str, what: str = "arguments") -> dict:
@@ -313,14 +309,14 @@ class ExperimentConfig:
     parse_kwargs(self.aggregator_args, "aggregator_args")
     attack_kwargs = parse_kwargs(self.attack_args, "attack_args")
     from fedjax_sparse import attacks as attacks_lib
-    if self.attack == "targeted_pgd":
+    if self.attack != "none" and self.attack not in attacks_lib.names():
+      raise ValueError(f"unknown attack {self.attack!r}; known attacks: none, "
+                       f"{', '.join(attacks_lib.names())}")
+    if requirements.AUX_SET in requirements.attack_needs(self.attack):
       from fedjax_sparse.attacks.builder import (TARGETED_OPTIONS,
                                                  check_aux_source)
       check_aux_source(attack_kwargs.get("aux_source",
                                          TARGETED_OPTIONS["aux_source"]))
-    if self.attack != "none" and self.attack not in attacks_lib.names():
-      raise ValueError(f"unknown attack {self.attack!r}; known attacks: none, "
-                       f"{', '.join(attacks_lib.names())}")
     if attack_kwargs.get("space") == "model" and self.update_mode != "delta":
       raise ValueError(
           f"--attack_args=space=model crafts the uploaded model, which needs "
@@ -342,10 +338,11 @@ class ExperimentConfig:
                        f"choose one of {', '.join(MALICIOUS_MODES)}")
     if self.max_train < 0 or self.val_size < 0:
       raise ValueError("max_train and val_size must be >= 0")
-    if self.aggregator in MODEL_AWARE_RULES and self.val_size == 0:
+    rule_needs = requirements.aggregator_needs(self.aggregator)
+    if requirements.MODEL in rule_needs and self.val_size == 0:
       raise ValueError(f"--aggregator={self.aggregator} needs the server's "
                        "validation set: set --val_size (e.g. 500)")
-    if self.aggregator in SERVER_DATA_RULES and self.val_size == 0:
+    if requirements.SERVER_DATA in rule_needs and self.val_size == 0:
       raise ValueError(f"--aggregator={self.aggregator} needs server data: set "
                        "--val_size (e.g. 100, FLTrust's root set)")
     if check_data:
@@ -381,7 +378,9 @@ class Experiment:
     self.has_model_state = len(self.variables) > 1
     self.layout = layout_of(self.variables["params"])
     agg_kwargs = parse_kwargs(cfg.aggregator_args)
-    if cfg.aggregator in MODEL_AWARE_RULES:
+    rule_needs = requirements.aggregator_needs(cfg.aggregator)
+    server_data = requirements.SERVER_DATA in rule_needs
+    if requirements.MODEL in rule_needs:
       agg_kwargs = {**self._model_aware_args(), **agg_kwargs}
     self.aggregator = _build(aggregators_lib.get(cfg.aggregator), agg_kwargs,
                              "aggregator", cfg.aggregator)
@@ -400,7 +399,7 @@ class Experiment:
         rows = self.fd.clients.idx[malicious]
         counts = self.fd.clients.counts[malicious]
         pool = np.concatenate([r[:c] for r, c in zip(rows, counts)])
-        if cfg.attack == "targeted_pgd":
+        if requirements.AUX_SET in requirements.attack_needs(cfg.attack):
           self.targeted_aux = targeted_auxiliary_data(
               attack_kwargs, num_classes=self.fd.num_classes,
               attacker_x=self.fd.x_train[pool],
@@ -433,8 +432,7 @@ class Experiment:
         n_max=self.fd.clients.idx.shape[1],
         has_model_state=self.has_model_state,
         update_attack=self.update_attack, data_attack=self.data_attack,
-        server_size=(len(self.fd.y_val) if cfg.aggregator in SERVER_DATA_RULES
-                     else 0))
+        server_size=len(self.fd.y_val) if server_data else 0)
     self.evaluate = make_evaluate(self.model.apply, cfg.eval_batch_size)
     self.data = RoundData(jnp.asarray(self.fd.x_train),
                           jnp.asarray(self.fd.y_train),
@@ -443,7 +441,7 @@ class Experiment:
                           jnp.asarray(malicious),
                           jnp.asarray(attacks_lib.malicious_rank(malicious)),
                           *((jnp.asarray(self.fd.x_val), jnp.asarray(self.fd.y_val))
-                            if cfg.aggregator in SERVER_DATA_RULES else ()))
+                            if server_data else ()))
     x_test, y_test = self.fd.x_test, self.fd.y_test
     if self.targeted_aux is not None and self.targeted_aux.test_index is not None:
       # The auxiliary test points are the attack's, not the test set's
@@ -456,7 +454,7 @@ class Experiment:
     # Backdoor data attacks: the triggered non-target test set whose accuracy
     # (labels = the target) is the attack success rate (ALGORITHMS.md s. 7).
     self.x_asr = self.y_asr = None
-    if cfg.attack in metrics_lib.BACKDOOR_ATTACKS:
+    if metrics_lib.is_backdoor(cfg.attack):
       x_asr, y_asr = metrics_lib.backdoor_eval_set(
           cfg.attack, attack_kwargs, self.fd.x_test, self.fd.y_test)
       if len(y_asr):
@@ -478,7 +476,8 @@ class Experiment:
     counts = np.bincount(np.asarray(self.fd.y_val),
                          minlength=self.fd.num_classes)
     if counts.min() == 0:
-      raise ValueError("class_aware_masking needs validation examples of every "
+      raise ValueError(f"--aggregator={self.cfg.aggregator} needs validation "
+                       "examples of every "
                        f"class; raise --val_size (now {self.cfg.val_size})")
     per_class = int(counts.min())
     val_x, val_y = data_lib.per_class_validation(self.fd, per_class)

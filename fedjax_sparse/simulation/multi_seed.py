@@ -51,8 +51,8 @@ import numpy as np
 
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation import run_safety
-from fedjax_sparse.simulation.experiment import (SERVER_DATA_RULES,
-                                                 Experiment, ExperimentConfig,
+from fedjax_sparse import requirements
+from fedjax_sparse.simulation.experiment import (Experiment, ExperimentConfig,
                                                  _config_dict,
                                                  _config_differences,
                                                  build_data)
@@ -196,7 +196,8 @@ class SeedBatch:
         round_config, base.model.apply, base.aggregator, base.layout,
         n_max=fd.clients.idx.shape[1], has_model_state=base.has_model_state,
         update_attack=base.update_attack, data_attack=base.data_attack,
-        server_size=(len(fd.y_val) if cfg.aggregator in SERVER_DATA_RULES
+        server_size=(len(fd.y_val) if requirements.SERVER_DATA
+                     in requirements.aggregator_needs(cfg.aggregator)
                      else 0), jit=False)
     axes = self.data_axes
 

@@ -19,11 +19,11 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
   """Builds the aggregator and binds the attack's arguments (no compiling)."""
   from fedjax_sparse import aggregators as aggregators_lib
   from fedjax_sparse import attacks as attacks_lib
-  from fedjax_sparse.simulation.experiment import MODEL_AWARE_RULES
+  from fedjax_sparse import requirements
   kwargs = parse_kwargs(cfg.aggregator_args)
   try:
     factory = aggregators_lib.get(cfg.aggregator)
-    if cfg.aggregator in MODEL_AWARE_RULES:
+    if requirements.MODEL in requirements.needs_of(factory):
       inspect.signature(factory).bind_partial(**kwargs)  # the model comes later
     else:
       factory(**kwargs)

@@ -1,0 +1,77 @@
+"""Rules and attacks declare what they need (fedjax_sparse/requirements.py);
+the run layer names none of them."""
+
+import ast
+import os
+
+import numpy as np
+import pytest
+
+from fedjax_sparse import aggregators
+from fedjax_sparse import attacks
+from fedjax_sparse import metrics
+from fedjax_sparse import requirements
+from fedjax_sparse.requirements import AUX_SET, MODEL, SERVER_DATA, declare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_declarations_of_the_built_in_rules_and_attacks():
+  needs = {n: requirements.aggregator_needs(n) for n in aggregators.names()}
+  assert {n for n, v in needs.items() if SERVER_DATA in v} == {"fltrust"}
+  assert {n for n, v in needs.items() if MODEL in v} == {"class_aware_masking"}
+  assert requirements.aggregator_needs("cm") == frozenset()
+  aux = {n for n in attacks.names() if AUX_SET in requirements.attack_needs(n)}
+  assert aux == {"targeted_pgd"}
+  assert requirements.attack_needs("none") == frozenset()
+  assert metrics.backdoor_attacks() == ["dba", "pixel_backdoor",
+                                        "semantic_backdoor"]
+  assert not metrics.is_backdoor("ipm") and not metrics.is_backdoor("none")
+
+
+def test_a_new_rule_declares_its_needs_in_one_place():
+  @declare(SERVER_DATA)
+  def rule():
+    pass
+  assert requirements.needs_of(rule) == {SERVER_DATA}
+  declare(MODEL)(rule)
+  assert requirements.needs_of(rule) == {SERVER_DATA, MODEL}
+  assert requirements.needs_of(lambda: None) == frozenset()
+  with pytest.raises(ValueError, match="unknown need"):
+    declare("gpu")
+  with pytest.raises(ValueError, match="unknown need"):
+    declare(asr_set=lambda *a: a)
+
+
+def test_a_backdoor_hook_is_the_asr_set():
+  x = np.zeros((6, 4, 4, 1), np.float32)
+  y = np.array([0, 1, 2, 7, 7, 1])
+  xs, ys = metrics.backdoor_eval_set("semantic_backdoor", {}, x, y)
+  assert len(xs) == 2 and (ys == 1).all()
+  with pytest.raises(ValueError, match="not a backdoor attack"):
+    metrics.backdoor_eval_set("ipm", {}, x, y)
+
+
+def test_the_run_layer_names_no_rule_or_attack():
+  """No string literal of the run layer is a rule or attack name (docs and
+  examples inside docstrings aside): what a rule or attack needs is declared
+  in its own module."""
+  # fedavg is the default rule (ExperimentConfig) and the rule of the
+  # client-side presets (FedProx, SCAFFOLD): a default, not a dependence.
+  names = (set(aggregators.names()) | set(attacks.names())) - {"none",
+                                                               "fedavg"}
+  hits = []
+  for sub in ("simulation", "sweeps", "metrics"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "fedjax_sparse", sub)):
+      for f in sorted(files):
+        if not f.endswith(".py"):
+          continue
+        path = os.path.join(dirpath, f)
+        with open(path) as fh:
+          tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+          if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and node.value in names):
+            hits.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: "
+                        f"{node.value!r}")
+  assert not hits, "\n".join(hits)
