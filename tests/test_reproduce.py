@@ -1,0 +1,41 @@
+"""experiments/reproduce.py: a committed cell rerun from its config.json."""
+
+import dataclasses
+import json
+
+from experiments import reproduce
+from fedjax_sparse.simulation import io
+from fedjax_sparse.simulation.experiment import ExperimentConfig, run_experiment
+
+SMALL = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=6,
+                         clients_per_round=4, rounds=2, local_epochs=1,
+                         batch_size=16, lr=0.1, model="mlp", eval_every=1,
+                         eval_batch_size=100, client_devices=1)
+
+
+def test_compare_records():
+  old = [{"round": 1, "loss": 0.5, "seconds": 1.0, "attack_active": False,
+          "tpr": 0.5}]
+  new = {"round": 1, "loss": 0.5, "seconds": 9.0, "attack_active": False,
+         "tpr": None}
+  assert reproduce.compare_records(old, [new]) is None
+  off = dict(new, loss=0.5000001)
+  assert "loss" in reproduce.compare_records(old, [off])
+  assert reproduce.compare_records(old, [off], rtol=1e-5) is None
+  assert "missing" in reproduce.compare_records(old, [{"round": 1,
+                                                       "loss": 0.5}])
+  assert "rounds" in reproduce.compare_records(old, [])
+
+
+def test_a_cell_reproduces_and_a_changed_one_does_not(tmp_path):
+  cell = tmp_path / "cell"
+  run_experiment(dataclasses.replace(SMALL, output_dir=str(cell)),
+                 progress=False)
+  assert reproduce.reproduce(str(cell)) is None
+  recs = io.read_jsonl(str(cell / "rounds.jsonl"))
+  recs[1]["loss"] += 1e-3
+  io.write_jsonl(str(cell / "rounds.jsonl"), recs)
+  assert "round 2: loss" in reproduce.reproduce(str(cell))
+  assert reproduce.reproduce(str(cell), max_rounds=1) is None
+  saved = json.loads((cell / "config.json").read_text())
+  assert reproduce.config_of(str(cell)).rounds == saved["rounds"]
