@@ -127,8 +127,6 @@ def _check_same_path(path: str) -> None:
         "share")
 
 
-
-
 def checkpoint_exists(path: str) -> bool:
   """Whether ``path`` holds a complete checkpoint to resume from.
 

@@ -179,4 +179,3 @@ def read_jsonl(path: str) -> list[dict]:
                        "damaged or written by something else")
     records.append(rec)
   return records
-

@@ -17,6 +17,7 @@ import optax
 
 from fedjax_sparse.client.local import ClientConfig
 
+
 ENGINES = ("vmap", "map", "sequential")
 SPARSIFIERS = ("none", "topk")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
