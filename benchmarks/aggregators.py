@@ -115,6 +115,8 @@ def hparams(name, d):
     return {"k": 0.01}
   if name == "fetchsgd":
     return {"k": 0.01, "rows": 5, "cols": 10 * _sparse_k(d)}
+  if name == "foolsgold":  # history rows: the largest K of the benchmark
+    return {"num_clients": 100}
   return {}
 
 
@@ -192,6 +194,13 @@ def numpy_rule(name, u, w, f, aux):
     cols = hparams(name, d)["cols"]
     z = np.zeros((5, cols), F32)
     return refs.np_fetchsgd_round(u, z, z, _sparse_k(d), aux["sketch_seeds"], cols)[0]
+  if name == "flame":  # sklearn's HDBSCAN; noise drawn by numpy
+    noise = aux["rng"].standard_normal(d, dtype=F32)
+    return refs.np_flame(u, w, lamb=0.001, noise=noise, dtype=F32)[0]
+  if name == "foolsgold":  # first round: the histories are the updates
+    return refs.np_foolsgold(u, u, w, dtype=F32)[0]
+  if name == "rlr":
+    return refs.np_rlr(u, None, w, 4.0, dtype=F32)
   raise KeyError(f"no numpy reference for {name!r}")
 
 

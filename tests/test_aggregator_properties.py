@@ -18,8 +18,8 @@ until it is listed in :data:`CLAIMS`), each rule built on its own through
   - ``ball``: within twice the diagonal of the honest rows' bounding box of
     their mean (RFA: the geometric median moves at most a constant times
     the honest spread);
-  - ``norm``: norm at most the largest honest norm (LASA clips to the
-    median norm);
+  - ``norm``: norm at most the largest honest norm (LASA and FLAME clip to
+    the median norm; FLAME with its noise off, ``lamb=0``);
   - ``clip``: norm at most ``L`` (clipping: a mean of rows of norm <= L);
     ``topk``: SparseFed / FetchSGD, ``||Delta_t|| <= t L / (1 - rho)``
     (times ``d`` for a count sketch's estimates, each at most ``||u||_1``);
@@ -30,7 +30,8 @@ until it is listed in :data:`CLAIMS`), each rule built on its own through
     whose sign every honest row agrees gets that sign;
   - ``finite``: only finite (the means, weighted or FedNova, average what
     they are sent; SafeSparse and FedSign look at masks and signs, never at
-    magnitudes).
+    magnitudes; FoolsGold weighs by the direction of histories, RLR flips
+    the sign of a mean).
 
 * State: 20 rounds of such inputs, the state carried, leave every state leaf
   finite (and the bound of each round holds).
@@ -133,6 +134,13 @@ CLAIMS = {
     "fednova": Claim(bound="finite", why="a mean averages what it is sent"),
     "safesparse": Claim(bound="finite", why="masks and signs only"),
     "fedsign": Claim(bound="finite", why="signs only"),
+    "flame": Claim(hp=(("lamb", 0.0),), bound="norm",
+                   why="kept rows clipped to the median norm (noise off)"),
+    # Without ctx.extra["clients"] the K rows are history rows 0..K-1, and a
+    # fresh state each call keeps the permutation test meaningful.
+    "foolsgold": Claim(hp=(("num_clients", K),), bound="finite",
+                       why="weights from the direction of histories"),
+    "rlr": Claim(bound="finite", why="a mean with sign-flipped coordinates"),
 }
 SKIP = {
     "class_aware_masking": "needs the model (apply_fn, unravel) and the "

@@ -27,6 +27,9 @@ from fedjax_sparse.aggregators import bucketing as _bucketing  # pre-registers b
 from fedjax_sparse.aggregators import nnm as _nnm  # pre-registers nnm
 from fedjax_sparse.aggregators import sparsefed as _sparsefed  # registers sparsefed
 from fedjax_sparse.aggregators import fetchsgd as _fetchsgd  # registers fetchsgd
+from fedjax_sparse.aggregators import flame as _flame  # registers flame
+from fedjax_sparse.aggregators import foolsgold as _foolsgold  # registers foolsgold
+from fedjax_sparse.aggregators import rlr as _rlr  # registers rlr
 
 __all__ = ["AggContext", "AggOut", "Aggregator", "combine", "compose",
            "expand_pack_mask", "get", "get_pre", "names", "pre_names",
