@@ -13,19 +13,19 @@ Typical use::
 
 from __future__ import annotations
 
+from fedjax_sparse.data.client_index import ClientIndex
+from fedjax_sparse.data.dataset import ArrayDataset
+from fedjax_sparse.data.dataset import DatasetNotFoundError
+from fedjax_sparse.data.dataset import IDXFormatError
 from fedjax_sparse.data.federated import build
 from fedjax_sparse.data.federated import FederatedData
 from fedjax_sparse.data.federated import per_class_validation
-from fedjax_sparse.data.partition import ClientIndex
+from fedjax_sparse.data.idx import read_idx
 from fedjax_sparse.data.partition import METHODS as PARTITION_METHODS
 from fedjax_sparse.data.partition import partition
-from fedjax_sparse.data.sources import ArrayDataset
 from fedjax_sparse.data.sources import check_available
-from fedjax_sparse.data.sources import DatasetNotFoundError
-from fedjax_sparse.data.sources import IDXFormatError
 from fedjax_sparse.data.sources import load
 from fedjax_sparse.data.sources import names
-from fedjax_sparse.data.sources import read_idx
 from fedjax_sparse.data.sources import synthetic
 
 __all__ = [
