@@ -36,6 +36,11 @@ flags.DEFINE_float("rtol", 0.0, "Relative tolerance of the comparison (0: "
                    "bit for bit).")
 flags.DEFINE_integer("max_rounds", 0, "Compare only the first rounds (0: "
                      "all; a shorter rerun of a long cell).")
+flags.DEFINE_string("aggregator_args_by_name", "", "Aggregator arguments "
+                    "for cells made before the argument existed, as the "
+                    "sweep takes them ('rfa:variant=fixed_steps'): they "
+                    "replace the saved (empty) aggregator_args of that "
+                    "rule's cells.")
 FLAGS = flags.FLAGS
 
 IGNORED = ("seconds",)
@@ -76,12 +81,21 @@ def config_of(cell_dir: str):
   return ExperimentConfig(**kwargs)
 
 
-def reproduce(cell_dir: str, rtol: float = 0.0,
-              max_rounds: int = 0) -> Optional[str]:
-  """Reruns one cell; None when it reproduces, else the difference."""
+def reproduce(cell_dir: str, rtol: float = 0.0, max_rounds: int = 0,
+              aggregator_args_by_name: Optional[dict] = None
+              ) -> Optional[str]:
+  """Reruns one cell; None when it reproduces, else the difference.
+
+  ``aggregator_args_by_name``: rule name -> ``aggregator_args`` text used
+  where the saved configuration has none (cells made before the argument
+  existed, e.g. RFA's ``variant=fixed_steps``).
+  """
   from fedjax_sparse.simulation import io
   from fedjax_sparse.simulation.experiment import run_experiment
   cfg = config_of(cell_dir)
+  extra = (aggregator_args_by_name or {}).get(cfg.aggregator)
+  if extra and not cfg.aggregator_args:
+    cfg = dataclasses.replace(cfg, aggregator_args=extra)
   old = io.read_jsonl(os.path.join(cell_dir, "rounds.jsonl"))
   if max_rounds:
     cfg = dataclasses.replace(cfg, rounds=min(max_rounds, cfg.rounds))
@@ -96,9 +110,11 @@ def reproduce(cell_dir: str, rtol: float = 0.0,
 def main():
   if not FLAGS.cells:
     raise ValueError("--cells is required: the cell directories to rerun")
+  from fedjax_sparse.sweeps.tables import parse_args_by_name
+  by_name = parse_args_by_name(FLAGS.aggregator_args_by_name, "aggregator")
   passed = failed = 0
   for cell in FLAGS.cells:
-    diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds)
+    diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds, by_name)
     if diff is None:
       passed += 1
       print(f"reproduced: {cell}", flush=True)

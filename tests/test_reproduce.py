@@ -39,3 +39,16 @@ def test_a_cell_reproduces_and_a_changed_one_does_not(tmp_path):
   assert reproduce.reproduce(str(cell), max_rounds=1) is None
   saved = json.loads((cell / "config.json").read_text())
   assert reproduce.config_of(str(cell)).rounds == saved["rounds"]
+
+
+def test_arguments_of_cells_made_before_they_existed(tmp_path):
+  cell = tmp_path / "cell"
+  cfg = dataclasses.replace(SMALL, aggregator="rfa", rounds=1,
+                            aggregator_args="variant=fixed_steps",
+                            output_dir=str(cell))
+  run_experiment(cfg, progress=False)
+  saved = json.loads((cell / "config.json").read_text())
+  saved["aggregator_args"] = ""  # as written before the argument existed
+  io.atomic_write_json(str(cell / "config.json"), saved)
+  assert reproduce.reproduce(str(cell), aggregator_args_by_name={
+      "rfa": "variant=fixed_steps"}) is None
