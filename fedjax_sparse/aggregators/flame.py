@@ -78,46 +78,28 @@ from fedjax_sparse.cluster.hdbscan import hdbscan
 Array = jax.Array
 
 
-# Columns per step of :func:`cosine_and_norms`'s loop (as _distances.GRAM_CHUNK).
-GRAM_CHUNK = 1024
-
-
-def _dot_rows(a: Array) -> Array:
-  return jax.lax.dot_general(a, a, (((1,), (1,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST)
-
-
 def cosine_and_norms(x: Array, ok: Array) -> tuple[Array, Array]:
   """``(f32[K, K] cosine similarities, f32[K] norms)`` of the ``ok`` rows.
 
   Each row is scaled by its largest magnitude ``s_i`` (entries within
-  [-1, 1], so huge rows cannot overflow) inside a ``fori_loop`` over column
-  chunks that adds up the Gram matrix ``G`` of the scaled rows, which is
-  never written out; ``cos_ij = G_ij / sqrt(G_ii G_jj)`` and ``||x_i|| = s_i
-  sqrt(G_ii)`` (``inf`` only beyond the f32 range). Rows that are not ``ok``
-  and zero rows have cosine 0 with every row and norm 0. At K = 25, d = 270k
-  on the 2-core dev machine: 21 ms, against 58 ms for unit rows from
-  ``_common.safe_norm`` followed by ``_common.gram``.
+  [-1, 1], so huge rows cannot overflow) and the Gram matrix ``G`` of the
+  scaled rows is taken (:func:`._common.gram`); ``cos_ij = G_ij /
+  sqrt(G_ii G_jj)`` and ``||x_i|| = s_i sqrt(G_ii)`` (``inf`` only beyond the
+  f32 range). Rows that are not ``ok`` and zero rows have cosine 0 with
+  every row and norm 0.
+
+  No ``fori_loop`` over column chunks (as :func:`._distances.centred_gram`
+  has): in the round step, with the client axis split over two CPU devices,
+  FoolsGold's step with such a loop stopped in an all-gather inside the
+  loop (XLA:CPU's in-process rendezvous never completed); one product does
+  not.
   """
-  k, d = x.shape
   s = jnp.where(ok, jnp.max(jnp.abs(x), axis=1), 0.0)
   s = jnp.where(jnp.isfinite(s), s, 0.0)
   root = jax.lax.rsqrt(jnp.where(s > 0, s, 1.0))[:, None]
-  keep = (ok & (s > 0))[:, None]
-
-  def scaled(a, r):  # (a / s) in two steps: 1/s may be subnormal
-    return jnp.where(keep, (a * r) * r, 0.0)
-
-  n = d // GRAM_CHUNK
-  g = jnp.zeros((k, k), x.dtype)
-  if n:
-    def body(i, acc):
-      a = jax.lax.dynamic_slice_in_dim(x, i * GRAM_CHUNK, GRAM_CHUNK, axis=1)
-      return acc + _dot_rows(scaled(a, root))
-
-    g = jax.lax.fori_loop(0, n, body, g)
-  if n * GRAM_CHUNK < d:
-    g = g + _dot_rows(scaled(x[:, n * GRAM_CHUNK:], root))
+  # x / s in two steps: 1/s may be subnormal.
+  y = jnp.where((ok & (s > 0))[:, None], (x * root) * root, 0.0)
+  g = _common.gram(y, y)
   sq = jnp.sqrt(jnp.diag(g))
   den = sq[:, None] * sq[None, :]
   cos = jnp.where(den > 0, g / jnp.where(den > 0, den, 1.0), 0.0)
