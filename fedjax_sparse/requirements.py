@@ -15,6 +15,9 @@ Needs:
   population size ``num_clients`` and per-class validation examples
   (``val_x``, ``val_y``), given to the factory as keyword arguments
   (class-aware masking evaluates each client's model); needs ``--val_size``.
+* :data:`POPULATION`: the population size, given to the factory as
+  ``num_clients`` (rules that keep per-client state, e.g. FoolsGold's
+  update histories).
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
@@ -38,7 +41,8 @@ from typing import Any, Callable, Optional
 SERVER_DATA = "server_data"
 MODEL = "model"
 AUX_SET = "aux_set"
-NEEDS = (SERVER_DATA, MODEL, AUX_SET)
+POPULATION = "population"
+NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION)
 HOOKS = ("asr_eval_set",)
 
 _NEEDS_ATTR = "__fedjax_needs__"

@@ -20,6 +20,8 @@ def test_declarations_of_the_built_in_rules_and_attacks():
   needs = {n: requirements.aggregator_needs(n) for n in aggregators.names()}
   assert {n for n, v in needs.items() if SERVER_DATA in v} == {"fltrust"}
   assert {n for n, v in needs.items() if MODEL in v} == {"class_aware_masking"}
+  assert {n for n, v in needs.items()
+          if requirements.POPULATION in v} == {"foolsgold"}
   assert requirements.aggregator_needs("cm") == frozenset()
   aux = {n for n in attacks.names() if AUX_SET in requirements.attack_needs(n)}
   assert aux == {"targeted_pgd"}

@@ -43,7 +43,8 @@ outside the round step) rows ``0..K-1`` are this round's clients in order.
 ``num_clients`` must cover every client id: ids outside ``[0,
 num_clients)`` are not checked inside jit (their history is read from the
 last row and not written). From experiments/run.py:
-``--aggregator=foolsgold --aggregator_args=num_clients=<--num_clients>``.
+``--aggregator=foolsgold`` (the run passes ``--num_clients``: the rule
+declares the population need, :mod:`fedjax_sparse.requirements`).
 
 Non-finite rows: a row with inf/nan is absent this round (its history is
 left as it was, its similarities are 0, its weight 0); a history that would
@@ -67,6 +68,7 @@ from fedjax_sparse.aggregators import _common
 from fedjax_sparse.aggregators.base import AggOut, Aggregator
 from fedjax_sparse.aggregators.flame import cosine_and_norms
 from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.requirements import POPULATION, declare
 
 Array = jax.Array
 
@@ -105,12 +107,13 @@ def foolsgold_weights(history: Array, present: Array, kappa: float) -> tuple[Arr
 
 
 @register("foolsgold")
+@declare(POPULATION)
 def foolsgold(num_clients: int, kappa: float = 1.0) -> Aggregator:
   """FoolsGold: weights from the cosine similarity of update histories.
 
   Args:
     num_clients: clients in the federation (rows of the history state);
-      from the binary, ``--aggregator_args=num_clients=<--num_clients>``.
+      the run passes ``--num_clients`` (declared need).
     kappa: confidence of the logit (paper default 1).
 
   Returns:

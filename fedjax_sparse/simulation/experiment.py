@@ -123,6 +123,8 @@ class Experiment:
     server_data = requirements.SERVER_DATA in rule_needs
     if requirements.MODEL in rule_needs:
       agg_kwargs = {**self._model_aware_args(), **agg_kwargs}
+    if requirements.POPULATION in rule_needs:
+      agg_kwargs = {"num_clients": cfg.num_clients, **agg_kwargs}
     self.aggregator = _build(aggregators_lib.get(cfg.aggregator), agg_kwargs,
                              "aggregator", cfg.aggregator)
     from fedjax_sparse import attacks as attacks_lib

@@ -23,7 +23,8 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
   kwargs = parse_kwargs(cfg.aggregator_args)
   try:
     factory = aggregators_lib.get(cfg.aggregator)
-    if requirements.MODEL in requirements.needs_of(factory):
+    if requirements.needs_of(factory) & {requirements.MODEL,
+                                         requirements.POPULATION}:
       inspect.signature(factory).bind_partial(**kwargs)  # the model comes later
     else:
       factory(**kwargs)
