@@ -35,6 +35,10 @@ from fedjax_sparse.attacks.index_poisoning import (index_poisoning,
                                                    malicious_contributor_ratio)
 from fedjax_sparse.attacks.targeted import (make_auxiliary_set, pgd_update,
                                             project_l2_ball, targeted_pgd)
+from fedjax_sparse.attacks.fang import fang_krum, fang_trmean, krum_selects_crafted
+from fedjax_sparse.attacks.mimicry import (MIMICRY_KNOWLEDGE, MIMICRY_VALUES,
+                                           majority_sign, mask_mimicry, mimicry_mask,
+                                           own_pack_masks, sign_camouflage)
 from fedjax_sparse.attacks.builder import (AUX_SOURCES, MASK_OPTIONS,
                                            TARGETED_OPTIONS, TargetedAux,
                                            accepted_arguments, attack_space,
@@ -66,6 +70,9 @@ __all__ = [
     "targeted_auxiliary_data", "targeted_auxiliary_set",
     "index_poisoning", "malicious_contributor_ratio",
     "make_auxiliary_set", "pgd_update", "project_l2_ball", "targeted_pgd",
+    "fang_krum", "fang_trmean", "krum_selects_crafted",
+    "MIMICRY_KNOWLEDGE", "MIMICRY_VALUES", "majority_sign", "mask_mimicry",
+    "mimicry_mask", "own_pack_masks", "sign_camouflage",
     "LABEL_MAPPINGS", "Trigger", "apply_trigger", "backdoor_test_set",
     "choose_rows", "convergence_prevention", "dba", "dba_triggers",
     "global_trigger", "label_flip", "pixel_backdoor", "semantic_backdoor",
