@@ -47,6 +47,7 @@ _MASK[::20] = True
 UPDATE_CASES = {
     "gna": {}, "ipm": {}, "scaling": {}, "sign_flip": {}, "model_replacement": {},
     "boosted_update": {}, "copy_boost": {},
+    "fang_trmean": {}, "fang_krum": {}, "mask_mimicry": {}, "sign_camouflage": {},
     "alie": {}, "rop": {}, "mimic": {}, "min_max": {}, "min_sum": {},
     "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
     "c_lasa": {}, "index_poisoning": {"pack_size": 3},
