@@ -18,6 +18,9 @@ Needs:
 * :data:`POPULATION`: the population size, given to the factory as
   ``num_clients`` (rules that keep per-client state, e.g. FoolsGold's
   update histories).
+* :data:`SPARSIFIER`: the run's top-k ratio, given to the factory as
+  ``topk_ratio`` (1 for dense uploads) unless the attack arguments set it
+  (attacks that choose the exact mask they upload).
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
@@ -42,7 +45,8 @@ SERVER_DATA = "server_data"
 MODEL = "model"
 AUX_SET = "aux_set"
 POPULATION = "population"
-NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION)
+SPARSIFIER = "sparsifier"
+NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER)
 HOOKS = ("asr_eval_set",)
 
 _NEEDS_ATTR = "__fedjax_needs__"

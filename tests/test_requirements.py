@@ -2,6 +2,7 @@
 the run layer names none of them."""
 
 import ast
+import functools
 import os
 
 import numpy as np
@@ -25,6 +26,9 @@ def test_declarations_of_the_built_in_rules_and_attacks():
   assert requirements.aggregator_needs("cm") == frozenset()
   aux = {n for n in attacks.names() if AUX_SET in requirements.attack_needs(n)}
   assert aux == {"targeted_pgd"}
+  sparse = {n for n in attacks.names()
+            if requirements.SPARSIFIER in requirements.attack_needs(n)}
+  assert sparse == {"mask_mimicry", "sign_camouflage"}
   assert requirements.attack_needs("none") == frozenset()
   assert metrics.backdoor_attacks() == ["dba", "pixel_backdoor",
                                         "semantic_backdoor"]
@@ -77,3 +81,35 @@ def test_the_run_layer_names_no_rule_or_attack():
             hits.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: "
                         f"{node.value!r}")
   assert not hits, "\n".join(hits)
+
+
+def test_the_run_gives_mask_choosing_attacks_its_topk_ratio():
+  import dataclasses
+  from fedjax_sparse.simulation.experiment import Experiment, ExperimentConfig
+  cfg = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=6,
+                         clients_per_round=6, rounds=1, model="mlp",
+                         attack="mask_mimicry", malicious_fraction=0.34,
+                         attack_start=1, sparsify="topk", topk_ratio=0.2,
+                         client_devices=1)
+  seen = []
+  real = attacks.get_update_attack("mask_mimicry")
+  import fedjax_sparse.attacks.builder as builder
+  orig = builder.get_update_attack
+
+  def spy(name):
+    f = orig(name)
+
+    @functools.wraps(f)  # the builder checks arguments against f's signature
+    def wrapped(**kw):
+      seen.append(kw.get("topk_ratio"))
+      return f(**kw)
+    return wrapped
+  builder.get_update_attack = spy
+  try:
+    Experiment(cfg)
+    Experiment(dataclasses.replace(cfg, sparsify="none"))
+    Experiment(dataclasses.replace(cfg, attack_args="topk_ratio=0.5"))
+  finally:
+    builder.get_update_attack = orig
+  assert seen == [0.2, 1.0, 0.5]
+  assert real is orig("mask_mimicry")

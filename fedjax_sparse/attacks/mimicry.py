@@ -19,10 +19,10 @@ the chosen ``k = ceil(r n_packs)`` packs and nonzero at every coordinate
 inside them (a value that would be 0 is replaced by the smallest normal f32,
 ``1.18e-38``, with a + sign), so the sparsifier's top-k keeps exactly the
 chosen packs and the values as crafted. This needs the sparsifier's ``r``
-(``topk_ratio``, an argument: the attack context does not carry it) and
-``P`` (``ctx.pack_size``, or ``pack_size``). With dense uploads
-(``--sparsify=none``) use ``topk_ratio=1``: with ``r < 1`` the attackers then
-send the zero-filled vector, which the server sees in full.
+(``topk_ratio``: the attacks declare the sparsifier need, so the run passes
+its own ``--topk_ratio``, or 1 with dense uploads, unless the attack
+arguments set it; see :mod:`fedjax_sparse.requirements`) and ``P``
+(``ctx.pack_size``, or ``pack_size``).
 
 Attackers that send the same signs on their mask overlaps (both variants
 of ``mask_mimicry``; ``sign_camouflage`` with ``disagree_on="largest_mean"``)
@@ -53,6 +53,7 @@ import numpy as np
 from fedjax_sparse.attacks import _stats
 from fedjax_sparse.attacks.base import UpdateAttack, check_knowledge, no_state
 from fedjax_sparse.attacks.registry import register_update
+from fedjax_sparse.requirements import SPARSIFIER, declare
 from fedjax_sparse.sparsify.topk import (check_topk_config, num_kept, num_packs,
                                          pack_scores, topk_mask)
 
@@ -114,6 +115,7 @@ def mimicry_mask(updates: Array, sel: Array, k: int, pack_size: int) -> Array:
 
 
 @register_update("mask_mimicry")
+@declare(SPARSIFIER)
 def mask_mimicry(values: str = "ipm", eps: float = 0.4, z: Optional[float] = None,
                  knowledge: str = "omniscient", topk_ratio: float = 0.5,
                  pack_size: Optional[int] = None) -> UpdateAttack:
@@ -195,6 +197,7 @@ def majority_sign(updates: Array, sel: Array) -> Array:
 
 
 @register_update("sign_camouflage")
+@declare(SPARSIFIER)
 def sign_camouflage(agree: Optional[float] = None, scale: float = 10.0,
                     disagree_on: str = "own_first", knowledge: str = "omniscient",
                     topk_ratio: float = 0.5,

@@ -130,6 +130,9 @@ class Experiment:
     from fedjax_sparse import attacks as attacks_lib
     self.update_attack = self.data_attack = None
     attack_kwargs = parse_kwargs(cfg.attack_args)
+    if requirements.SPARSIFIER in requirements.attack_needs(cfg.attack):
+      attack_kwargs.setdefault(
+          "topk_ratio", cfg.topk_ratio if cfg.sparsify == "topk" else 1.0)
     malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
                                              cfg.malicious_mode, cfg.seed)
     # targeted_pgd's auxiliary set, drawn once for the attack and for the
