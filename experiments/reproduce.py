@@ -41,6 +41,11 @@ flags.DEFINE_string("aggregator_args_by_name", "", "Aggregator arguments "
                     "sweep takes them ('rfa:variant=fixed_steps'): they "
                     "replace the saved (empty) aggregator_args of that "
                     "rule's cells.")
+flags.DEFINE_string("attack_args_by_name", "", "Attack arguments for cells "
+                    "made before the argument existed "
+                    "('targeted_pgd:aux_source=train'): added to the saved "
+                    "attack_args of that attack's cells where they lack the "
+                    "key.")
 FLAGS = flags.FLAGS
 
 IGNORED = ("seconds",)
@@ -81,21 +86,36 @@ def config_of(cell_dir: str):
   return ExperimentConfig(**kwargs)
 
 
+def _with_missing(saved: str, extra: Optional[str]) -> str:
+  """``saved`` ("k=v,...") with the keys of ``extra`` it lacks appended."""
+  if not extra:
+    return saved
+  have = {kv.split("=", 1)[0].strip() for kv in saved.split(",") if kv.strip()}
+  add = [kv for kv in extra.split(",")
+         if kv.strip() and kv.split("=", 1)[0].strip() not in have]
+  return ",".join([x for x in [saved] if x] + add)
+
+
 def reproduce(cell_dir: str, rtol: float = 0.0, max_rounds: int = 0,
-              aggregator_args_by_name: Optional[dict] = None
-              ) -> Optional[str]:
+              aggregator_args_by_name: Optional[dict] = None,
+              attack_args_by_name: Optional[dict] = None) -> Optional[str]:
   """Reruns one cell; None when it reproduces, else the difference.
 
-  ``aggregator_args_by_name``: rule name -> ``aggregator_args`` text used
-  where the saved configuration has none (cells made before the argument
-  existed, e.g. RFA's ``variant=fixed_steps``).
+  ``aggregator_args_by_name`` / ``attack_args_by_name``: rule or attack
+  name -> ``"k=v,..."`` arguments added where the saved configuration lacks
+  the key (cells made before the argument existed, e.g. RFA's
+  ``variant=fixed_steps``, targeted PGD's ``aux_source=train``).
   """
   from fedjax_sparse.simulation import io
   from fedjax_sparse.simulation.experiment import run_experiment
   cfg = config_of(cell_dir)
-  extra = (aggregator_args_by_name or {}).get(cfg.aggregator)
-  if extra and not cfg.aggregator_args:
-    cfg = dataclasses.replace(cfg, aggregator_args=extra)
+  cfg = dataclasses.replace(
+      cfg,
+      aggregator_args=_with_missing(
+          cfg.aggregator_args,
+          (aggregator_args_by_name or {}).get(cfg.aggregator)),
+      attack_args=_with_missing(
+          cfg.attack_args, (attack_args_by_name or {}).get(cfg.attack)))
   old = io.read_jsonl(os.path.join(cell_dir, "rounds.jsonl"))
   if max_rounds:
     cfg = dataclasses.replace(cfg, rounds=min(max_rounds, cfg.rounds))
@@ -112,9 +132,11 @@ def main():
     raise ValueError("--cells is required: the cell directories to rerun")
   from fedjax_sparse.sweeps.tables import parse_args_by_name
   by_name = parse_args_by_name(FLAGS.aggregator_args_by_name, "aggregator")
+  attack_by_name = parse_args_by_name(FLAGS.attack_args_by_name, "attack")
   passed = failed = 0
   for cell in FLAGS.cells:
-    diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds, by_name)
+    diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds, by_name,
+                     attack_by_name)
     if diff is None:
       passed += 1
       print(f"reproduced: {cell}", flush=True)

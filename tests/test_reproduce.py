@@ -52,3 +52,12 @@ def test_arguments_of_cells_made_before_they_existed(tmp_path):
   io.atomic_write_json(str(cell / "config.json"), saved)
   assert reproduce.reproduce(str(cell), aggregator_args_by_name={
       "rfa": "variant=fixed_steps"}) is None
+
+
+def test_missing_keys_are_added_and_saved_ones_kept():
+  assert reproduce._with_missing("", "variant=fixed_steps") == (
+      "variant=fixed_steps")
+  assert reproduce._with_missing("aux_size=500,steps=5",
+                                 "aux_source=train,steps=9") == (
+      "aux_size=500,steps=5,aux_source=train")
+  assert reproduce._with_missing("a=1", None) == "a=1"
