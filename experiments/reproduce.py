@@ -36,12 +36,12 @@ flags.DEFINE_float("rtol", 0.0, "Relative tolerance of the comparison (0: "
                    "bit for bit).")
 flags.DEFINE_integer("max_rounds", 0, "Compare only the first rounds (0: "
                      "all; a shorter rerun of a long cell).")
-flags.DEFINE_string("aggregator_args_by_name", "", "Aggregator arguments "
+flags.DEFINE_string("add_aggregator_args", "", "Aggregator arguments "
                     "for cells made before the argument existed, as the "
                     "sweep takes them ('rfa:variant=fixed_steps'): they "
                     "replace the saved (empty) aggregator_args of that "
                     "rule's cells.")
-flags.DEFINE_string("attack_args_by_name", "", "Attack arguments for cells "
+flags.DEFINE_string("add_attack_args", "", "Attack arguments for cells "
                     "made before the argument existed "
                     "('targeted_pgd:aux_source=train'): added to the saved "
                     "attack_args of that attack's cells where they lack the "
@@ -131,8 +131,8 @@ def main():
   if not FLAGS.cells:
     raise ValueError("--cells is required: the cell directories to rerun")
   from fedjax_sparse.sweeps.tables import parse_args_by_name
-  by_name = parse_args_by_name(FLAGS.aggregator_args_by_name, "aggregator")
-  attack_by_name = parse_args_by_name(FLAGS.attack_args_by_name, "attack")
+  by_name = parse_args_by_name(FLAGS.add_aggregator_args, "aggregator")
+  attack_by_name = parse_args_by_name(FLAGS.add_attack_args, "attack")
   passed = failed = 0
   for cell in FLAGS.cells:
     diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds, by_name,
