@@ -401,6 +401,7 @@ def test_sign_camouflage_agreement_and_mask(disagree_on, agree, p):
 
 # ---------------------------------------------- end to end, experiment ----
 
+@pytest.mark.slow  # the unit tests above cover each attack; kept for make test-all
 def test_each_attack_end_to_end():
   from fedjax_sparse.simulation.experiment import ExperimentConfig, run_experiment
   base = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=7,

@@ -53,6 +53,7 @@ def test_entry_points_name_existing_functions():
     assert main.__code__.co_argcount == 0
 
 
+@pytest.mark.slow  # a subprocess run of the binary
 def test_the_binaries_keep_compiled_programs_in_the_cache(tmp_path):
   import subprocess
   import sys

@@ -23,8 +23,9 @@ SMALL = ExperimentConfig(dataset="synthetic", partition="iid", num_clients=8,
     # Escape ratios of the rule and the unattacked twin.
     dict(attack="ipm", aggregator="median", twin=True),
     # Targeted accuracy and OIF on the auxiliary set.
-    dict(attack="targeted_pgd", aggregator="fedavg",
-         attack_args="aux_size=10,steps=2"),
+    pytest.param(dict(attack="targeted_pgd", aggregator="fedavg",
+                      attack_args="aux_size=10,steps=2"),
+                 marks=pytest.mark.slow),
 ])
 def test_seed_batch_records_what_separate_runs_record(tmp_path, fields):
   cfg = dataclasses.replace(SMALL, **fields)

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from experiments import reproduce
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation.experiment import ExperimentConfig, run_experiment
@@ -41,6 +43,7 @@ def test_a_cell_reproduces_and_a_changed_one_does_not(tmp_path):
   assert reproduce.config_of(str(cell)).rounds == saved["rounds"]
 
 
+@pytest.mark.slow  # _with_missing is tested below in the default run
 def test_arguments_of_cells_made_before_they_existed(tmp_path):
   cell = tmp_path / "cell"
   cfg = dataclasses.replace(SMALL, aggregator="rfa", rounds=1,
