@@ -35,10 +35,14 @@ import numpy as np
 
 from fedjax_sparse.simulation import io
 
-# Summary keys ``final_<name>`` taken from the last evaluation record, when
-# the run has that evaluation metric.
-FINAL_EVAL_KEYS = ("asr", "targeted_accuracy", "oif", "twin_accuracy",
-                   "twin_targeted_accuracy")
+def final_eval_keys(exp, twin: bool) -> list[str]:
+  """The evaluation metrics of the :class:`Experiment` ``exp`` (with an
+  unattacked twin when ``twin``) that the summary reports as
+  ``final_<name>`` from the last evaluation record."""
+  return ((["asr"] if exp.has_asr else [])
+          + (["targeted_accuracy", "oif"] if exp.has_targeted else [])
+          + (["twin_accuracy"] if twin else [])
+          + (["twin_targeted_accuracy"] if twin and exp.has_targeted else []))
 
 
 def round_metrics(cfg, get: Callable[[str], Any], keys) -> dict:

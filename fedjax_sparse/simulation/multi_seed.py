@@ -49,6 +49,7 @@ import numpy as np
 
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation import run_safety
+from fedjax_sparse.simulation.loop import final_eval_keys
 from fedjax_sparse.simulation.config import (ExperimentConfig, config_dict,
                                              config_differences)
 from fedjax_sparse.simulation.seed_batch import (MODES, SeedBatch, seed_mesh,
@@ -132,12 +133,7 @@ class BatchRunner:
     self.data = b.data
     base = b.base
     self.num_params = base.layout.d
-    self.final_eval_keys = (
-        (["asr"] if base.has_asr else [])
-        + (["targeted_accuracy", "oif"] if base.has_targeted else [])
-        + (["twin_accuracy"] if cfg.twin else [])
-        + (["twin_targeted_accuracy"] if cfg.twin and base.has_targeted
-           else []))
+    self.final_eval_keys = final_eval_keys(base, cfg.twin)
 
   def init_state(self):
     return self.batch.init_state()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from fedjax_sparse.simulation import io
 from fedjax_sparse.simulation import run_safety
 from fedjax_sparse.simulation.config import config_dict, config_differences
+from fedjax_sparse.simulation.loop import final_eval_keys
 
 
 if TYPE_CHECKING:
@@ -27,12 +28,7 @@ class SingleRunner:
                        if cfg.output_dir else None)
     self.data = exp.data
     self.num_params = exp.layout.d
-    self.final_eval_keys = (
-        (["asr"] if exp.has_asr else [])
-        + (["targeted_accuracy", "oif"] if exp.has_targeted else [])
-        + (["twin_accuracy"] if cfg.twin else [])
-        + (["twin_targeted_accuracy"] if cfg.twin and exp.has_targeted
-           else []))
+    self.final_eval_keys = final_eval_keys(exp, cfg.twin)
 
   def init_state(self):
     return self.exp.init_state()
