@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_FILE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-all bench fmnist fmnist-optional clean
+.PHONY: demo test test-all bench peers fmnist fmnist-optional clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -49,6 +49,15 @@ test-all: $(STAMP) fmnist-optional
 
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks.round_throughput
+
+# The peers the benchmarks and oracle tests compare with (optional): a
+# CPU-only torch and ByzFL, whose package imports torchvision only for its
+# own training benchmark (fedjax_sparse/testing/byzfl.py). TORCH=torch
+# takes the newest release instead of the pinned CPU build.
+TORCH ?= torch==2.13.0
+peers: $(STAMP)
+	$(PYTHON) -m pip install -q '$(TORCH)' 'scipy>=1.12'
+	$(PYTHON) -m pip install -q --no-deps 'byzfl==0.0.11'
 
 clean:
 	rm -rf $(VENV) demo_results .pytest_cache

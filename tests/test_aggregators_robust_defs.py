@@ -20,6 +20,7 @@ import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _distances
 from fedjax_sparse.aggregators import bulyan as bulyan_lib
 from fedjax_sparse.aggregators.base import AggContext
+from fedjax_sparse.testing import byzfl as byzfl_loader
 import aggregator_refs as refs
 
 KEY = jax.random.PRNGKey(0)
@@ -140,7 +141,9 @@ def test_rfa_options():
 
 
 def test_rfa_against_byzfl():
-  byzfl = pytest.importorskip("byzfl")
+  byzfl = byzfl_loader.load()
+  if byzfl is None:
+    pytest.skip("ByzFL not installed")
   rs = np.random.RandomState(6)
   u = rs.randn(10, 24).astype(np.float32)
   got = run("rfa", u, variant="fixed_steps", init="zeros")[0]

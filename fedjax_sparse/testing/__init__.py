@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: independent implementations to compare with."""
