@@ -60,6 +60,9 @@ from fedjax_sparse.sparsify.sketch import CountSketch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "tests"))
 import aggregator_refs as refs  # noqa: E402
+from fedjax_sparse.testing import byzfl as byzfl_loader  # noqa: E402
+
+BYZFL = byzfl_loader.load()
 
 F32 = np.float32
 SKIP = ("class_aware_masking",)
@@ -144,6 +147,10 @@ def numpy_rule(name, u, w, f, aux):
     tau = aux["local_steps"].astype(F32)
     p = w / w.sum()
     return (p * tau).sum() * ((p / tau) @ u)
+  if name == "clipping":  # per-row L2 clip to 5, then the weighted mean
+    norms = np.sqrt(np.einsum("kd,kd->k", u, u))
+    scale = np.minimum(1, 5.0 / np.maximum(norms, F32(1e-30))).astype(F32)
+    return ((w * scale) @ u) / w.sum()
   if name == "median":
     return np.median(u, axis=0)
   if name == "trimmed_mean":
@@ -204,6 +211,39 @@ def numpy_rule(name, u, w, f, aux):
   raise KeyError(f"no numpy reference for {name!r}")
 
 
+# ---------------------------------------------------------------- ByzFL side
+
+
+def byzfl_rule(name, f):
+  """ByzFL's numpy path for rule ``name`` (a function of the ``f32[K, d]``
+  numpy updates), or ``None`` when ByzFL is not installed or has no such
+  rule. Same work, not always the same numbers: ByzFL's mean is unweighted
+  (ours ``fedavg`` weighted), its Krum family counts ``K - f - 1``
+  neighbours (ours ``K - f - 2``), its ``GeometricMedian`` takes ``T = 3``
+  Weiszfeld steps from zeros (ours, Pillutla et al.'s, runs from the
+  coordinate median to a tolerance); see tests/test_byzfl_oracle.py."""
+  if BYZFL is None:
+    return None
+  b = BYZFL
+  rules = {
+      "fedavg": lambda: b.Average(),
+      "nwfedavg": lambda: b.Average(),
+      "median": lambda: b.Median(),
+      "trimmed_mean": lambda: b.TrMean(f=f),
+      "krum": lambda: b.Krum(f=f),
+      "multi_krum": lambda: b.MultiKrum(f=f),
+      "rfa": lambda: b.GeometricMedian(nu=0.1, T=3),
+  }
+  if name == "centered_clipping":  # ByzFL keeps its centre: a fresh one a call
+    return lambda u: b.CenteredClipping(L=1, tau=1.0)(u)
+  if name == "clipping":
+    clip, mean = b.Clipping(c=5.0), b.Average()
+    return lambda u: mean(clip(u))
+  if name not in rules:
+    return None
+  return rules[name]()
+
+
 # ---------------------------------------------------------------- jax side
 
 
@@ -258,11 +298,21 @@ def bench_rule(name, K, d, u_np, w_np, aux, reps):
                                         reps)
   rec.update({"numpy_median_s": np_s, "numpy_first_call_s": np_first,
               "numpy_reps": np_reps, "speedup_vs_numpy": np_s / jax_s})
+  peer = byzfl_rule(name, f)
+  if peer is not None:
+    u_peer = u_np.copy()  # ByzFL's Clipping writes into its input
+    bz_s, _, bz_reps = _time_numpy(lambda: peer(u_peer), reps)
+    rec.update({"byzfl_median_s": bz_s, "byzfl_reps": bz_reps,
+                "speedup_vs_byzfl": bz_s / jax_s})
+    del u_peer
   esc = rec.get("jax_with_escape_median_s")
   print(f"  {name:>17} K={K:>3} d={d:>7,}: jax {jax_s * 1e3:9.1f} ms"
         + (f" (+escape {esc * 1e3:8.1f})" if esc else " " * 24)
         + f"  numpy {np_s * 1e3:9.1f} ms{'*' if np_reps == 1 else ' '}"
-        f"  x{np_s / jax_s:6.2f}  (compile+first {jax_first:5.1f} s)", flush=True)
+        f"  x{np_s / jax_s:6.2f}"
+        + (f"  ByzFL {rec['byzfl_median_s'] * 1e3:9.1f} ms x"
+           f"{rec['speedup_vs_byzfl']:6.2f}" if "byzfl_median_s" in rec else "")
+        + f"  (compile+first {jax_first:5.1f} s)", flush=True)
   return rec
 
 
@@ -293,17 +343,25 @@ def bench_safesparse_sparse(reps, K=20, d=270_000, ratio=0.5):
 
 
 def _table(records):
-  lines = ["| rule | K | d | jax ms | jax+escape ms | numpy ms | speedup |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| rule | K | d | jax ms | jax+escape ms | numpy ms | ByzFL ms "
+           "| vs numpy | vs ByzFL |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in records:
     esc = r.get("jax_with_escape_median_s")
+    bz = r.get("byzfl_median_s")
     lines.append(
         f"| {r['rule']} | {r['K']} | {r['d']:,} | {r['jax_median_s'] * 1e3:.1f} | "
         f"{'' if esc is None else f'{esc * 1e3:.1f}'} | "
         f"{r['numpy_median_s'] * 1e3:.1f}{'*' if r['numpy_reps'] == 1 else ''} | "
-        f"{r['speedup_vs_numpy']:.2f}x |")
+        + ("" if bz is None else
+           f"{bz * 1e3:.1f}{'*' if r['byzfl_reps'] == 1 else ''}")
+        + f" | {r['speedup_vs_numpy']:.2f}x | "
+        + ("" if bz is None else f"{r['speedup_vs_byzfl']:.2f}x") + " |")
   lines.append("")
-  lines.append("`*` numpy timed on one call after a warm-up call over 2 s.")
+  lines.append("`*` timed on one call after a warm-up call over 2 s. ByzFL "
+               + (f"{BYZFL.version}'s numpy path; an empty cell: no such rule"
+                  " in ByzFL." if BYZFL is not None else
+                  "not installed (`make peers`): its columns are empty."))
   return "\n".join(lines)
 
 
@@ -323,6 +381,13 @@ def _summary(records, sparse_rows):
                                    for r in sparse_rows},
       "safesparse_sparse_K20_met": all(r["meets_target"] for r in sparse_rows),
       "rules": sorted({k[0] for k in by}),
+      "below_1x_vs_numpy": sorted(
+          f"{r['rule']}@K={r['K']},d={r['d']}" for r in records
+          if r["speedup_vs_numpy"] < 1),
+      "below_1x_vs_byzfl": sorted(
+          f"{r['rule']}@K={r['K']},d={r['d']}" for r in records
+          if r.get("speedup_vs_byzfl", 1) < 1),
+      "byzfl": None if BYZFL is None else BYZFL.version,
   }
 
 
@@ -339,6 +404,9 @@ def main():
   ks = [25] if args.quick else [25, 50, 100]
   ds = [270_000] if args.quick else [270_000, 700_000]
   t_start = time.time()
+  load_start = os.getloadavg()
+  if BYZFL is None:
+    print("ByzFL not installed (make peers): no ByzFL columns", flush=True)
   records = []
   for d in ds:
     for K in ks:
@@ -361,7 +429,9 @@ def main():
       "platform": platform.platform(),
       "jax_version": jax.__version__,
       "numpy_version": np.__version__,
+      "load_average_at_start": load_start,
       "load_average_at_end": os.getloadavg(),
+      "byzfl_version": None if BYZFL is None else BYZFL.version,
       "wall_s": time.time() - t_start,
       "notes": ("Dense uploads, f = K // 5, weights U(1, 100), no layout. jax: median "
                 "of several jitted calls after a warm-up call (nothing donated); "

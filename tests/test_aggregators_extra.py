@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fedjax_sparse.aggregators as agg_lib
+from fedjax_sparse.aggregators import _common
 from fedjax_sparse.layout import layout_of
 import aggregator_refs as refs
 from test_aggregators import D, F, K, KEY, _data, np_combine, run
@@ -67,11 +68,47 @@ def test_dnc_reference():
   np.testing.assert_allclose(got, expect, atol=1e-5)
   # Subsampled coordinates, two iterations: the same draws as the rule.
   keys = jax.random.split(KEY, 2)
-  cols = [np.asarray(jax.random.choice(kk, D, (10,), replace=False)) for kk in keys]
+  cols = [np.asarray(_common.sample_coordinates(kk, D, 10)) for kk in keys]
   expect, good = np_dnc(u, w, F, cols)
   got, acc, _, _ = run("dnc", u, None, w, num_coords=10, num_iters=2)
   np.testing.assert_array_equal(acc, good.astype(float))
   np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,b", [(1000, 10), (400, 50), (100, 50), (7, 7),
+                                 (700_000, 10_000)])
+def test_sample_coordinates_distinct(d, b):
+  key = jax.random.PRNGKey(d + b)
+  got = np.asarray(jax.jit(_common.sample_coordinates, static_argnums=(1, 2))(
+      key, d, b))
+  assert got.shape == (b,) and got.dtype == np.int32
+  assert len(np.unique(got)) == b and got.min() >= 0 and got.max() < d
+  if 8 * b <= d:  # the first b distinct of the same draws, in draw order
+    key_draws, _ = jax.random.split(key)
+    c = b * b / (2.0 * d)
+    m = int(b + 2 * c + 10 * c ** 0.5 + 32)
+    draws = np.asarray(jax.random.randint(key_draws, (m,), 0, d, jnp.int32))
+    _, first = np.unique(draws, return_index=True)
+    np.testing.assert_array_equal(got, draws[np.sort(first)][:b])
+  with pytest.raises(ValueError, match="b <= d"):
+    _common.sample_coordinates(key, 5, 6)
+
+
+@pytest.mark.parametrize("d,b", [(400, 20), (40, 20)])  # draws, then keys
+def test_sample_coordinates_uniform(d, b):
+  n = 2000
+  keys = jax.random.split(jax.random.PRNGKey(3), n)
+  subsets = np.asarray(jax.vmap(
+      lambda k: _common.sample_coordinates(k, d, b))(keys))
+  counts = np.bincount(subsets.ravel(), minlength=d)
+  expect = n * b / d
+  chi2 = ((counts - expect) ** 2 / expect).sum()
+  # d - 1 degrees of freedom: mean d - 1, sd sqrt(2 (d - 1)); 6 sd.
+  assert chi2 < (d - 1) + 6 * math.sqrt(2 * (d - 1)), chi2
+  # Every position of the subset is itself uniform (no position bias).
+  first = np.bincount(subsets[:, 0], minlength=d)
+  chi2 = ((first - n / d) ** 2 / (n / d)).sum()
+  assert chi2 < (d - 1) + 6 * math.sqrt(2 * (d - 1)), chi2
 
 
 # ---------------------------------------------------------------- FLTrust

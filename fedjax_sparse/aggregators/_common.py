@@ -30,8 +30,14 @@ def resolve_f(f: Optional[int], ctx) -> int:
 
 
 def finite_rows(updates: Array) -> Array:
-  """``bool[K]``: rows without ``inf`` or ``nan``."""
-  return jnp.all(jnp.isfinite(updates), axis=1)
+  """``bool[K]``: rows without ``inf`` or ``nan``.
+
+  As the row sums of ``updates * 0``: ``0`` for a finite entry, however
+  large, ``nan`` for ``inf``/``nan``. One floating-point sum per row runs
+  several times faster on XLA:CPU than ``all(isfinite(...))``, a boolean
+  reduction (25 x 700k: about 10 ms against 30)."""
+  zero = jnp.zeros((), updates.dtype)
+  return jnp.isfinite(jnp.sum(updates * zero, axis=1))
 
 
 def zero_rows(updates: Array, keep: Array) -> Array:
@@ -209,3 +215,39 @@ def mix(membership: Array, updates: Array, masks: Optional[Array], weights: Arra
   mixed = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
   return (jnp.where(empty[:, None], jnp.nan, mixed), mixed_masks,
           membership.astype(x.dtype) @ w_ok)
+
+
+def sample_coordinates(key: Array, d: int, b: int) -> Array:
+  """``i32[b]``: ``b`` distinct coordinates of ``range(d)``, a uniformly random
+  subset (``b <= d``), in random order.
+
+  ``jax.random.choice(..., replace=False)`` permutes all ``d`` indices (a sort
+  of ``d`` keys: about 1 s at ``d = 700k`` on XLA:CPU). When ``b`` is small
+  against ``d`` (``8 b <= d``), this draws ``m`` indices with replacement,
+  slightly more than ``b``, and keeps the first ``b`` distinct ones in draw
+  order: the first ``b`` distinct values of an i.i.d. uniform sequence are a
+  uniformly random ``b``-subset (the order of first occurrences is
+  exchangeable). ``m`` leaves room for about twice the expected collisions
+  plus ten standard deviations; in the (astronomically rare) draw with fewer
+  than ``b`` distinct values, and whenever ``8 b > d``, the subset is the
+  ``b`` smallest of ``d`` uniform keys (``lax.top_k``).
+  """
+  if not 1 <= b <= d:
+    raise ValueError(f"sample_coordinates: need 1 <= b <= d, got b={b}, d={d}")
+  key_draws, key_keys = jax.random.split(key)
+
+  def by_keys(_):
+    u = jax.random.uniform(key_keys, (d,))
+    return jax.lax.top_k(-u, b)[1].astype(jnp.int32)
+
+  if 8 * b > d:
+    return by_keys(None)
+  collisions = b * b / (2.0 * d)
+  m = int(b + 2 * collisions + 10 * collisions ** 0.5 + 32)
+  draws = jax.random.randint(key_draws, (m,), 0, d, dtype=jnp.int32)
+  pos = jnp.arange(m, dtype=jnp.int32)
+  first = jnp.full((d,), m, jnp.int32).at[draws].min(pos)
+  is_first = first[draws] == pos
+  keep = jnp.nonzero(is_first, size=b, fill_value=0)[0]
+  return jax.lax.cond(jnp.sum(is_first) >= b, lambda _: draws[keep], by_keys,
+                      None)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators._common import safe_norm
-from fedjax_sparse.aggregators.base import AggOut, Aggregator
+from fedjax_sparse.aggregators.base import AggOut, Aggregator, combine_scaled
 from fedjax_sparse.aggregators.fedavg import fedavg, nwfedavg
 from fedjax_sparse.aggregators.pre_registry import register_pre
 from fedjax_sparse.aggregators.registry import register
@@ -205,4 +205,25 @@ def clipping(clip_norm: float = 5.0, weighted: bool = True) -> Aggregator:
   Raises:
     ValueError: ``clip_norm`` is not > 0.
   """
-  return clip(fedavg() if weighted else nwfedavg(), clip_norm)
+  general = clip(fedavg() if weighted else nwfedavg(), clip_norm)
+  limit = float(clip_norm)
+
+  def apply(state, updates, masks, weights, key, ctx):
+    # Every plain norm finite (no inf/nan, no entry beyond ~1e19): the
+    # clipped mean as (w * s) @ U, one pass after the norms. Otherwise the
+    # general clip step and mean, which handle such rows.
+    norms = jnp.sqrt(jnp.sum(jnp.square(updates), axis=1))
+
+    def fast(_):
+      scale = (jnp.ones_like(norms) if math.isinf(limit) else
+               jnp.where(norms > limit, limit / jnp.where(norms > 0, norms, 1.0),
+                         1.0))
+      w = weights if weighted else jnp.ones_like(weights)
+      update = combine_scaled(updates, masks, w, scale, ctx.pack_size)
+      return AggOut(update, jnp.ones_like(norms), {"clip_scale": scale}), state
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(norms)), fast,
+                        lambda _: general.apply(state, updates, masks, weights,
+                                                key, ctx), None)
+
+  return Aggregator(general.init, apply)

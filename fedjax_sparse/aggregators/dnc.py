@@ -1,7 +1,7 @@
 """DnC: divide and conquer (Shejwalkar & Houmansadr, NDSS 2021; ALGORITHMS.md section 4).
 
 ``num_iters`` times: pick ``b`` random coordinates (``b = 10000``, all if
-``d <= b``), centre the K sub-vectors on their mean, take the top right
+``d <= b``; a uniformly random subset, :func:`_common.sample_coordinates`), centre the K sub-vectors on their mean, take the top right
 singular vector ``v`` of the centred matrix, score ``s_i = <g_i - mu, v>^2``
 and mark the ``K - c f`` lowest-scored clients good (``c = 1``). The clients
 good in every iteration are combined with FedAvg / FLARE Alg. 2.
@@ -49,14 +49,14 @@ def dnc(num_coords: int = 10000, num_iters: int = 1, c: float = 1.0,
     if n_keep < 1:
       raise ValueError(f"dnc: keeps K - c*f = {n_keep} clients (K={k}, f={f_}, c={c})")
     ok = _common.finite_rows(updates)
-    x = _common.zero_rows(updates, ok)
     b = min(num_coords, d)
     good = ok
     all_scores = []
     for key_i in jax.random.split(key, num_iters):
       cols = (jnp.arange(d) if b == d
-              else jax.random.choice(key_i, d, (b,), replace=False))
-      sub = x[:, cols]
+              else _common.sample_coordinates(key_i, d, b))
+      # Gathered before the non-finite rows are zeroed: a K x b copy, not K x d.
+      sub = _common.zero_rows(updates[:, cols], ok)
       mu = jnp.sum(jnp.where(ok[:, None], sub, 0.0), axis=0) / jnp.maximum(jnp.sum(ok), 1)
       centred = jnp.where(ok[:, None], sub - mu[None, :], 0.0)
       # Scores only rank the clients: rescale so that C C^T cannot overflow.
