@@ -10,11 +10,15 @@ dataset sizes; so does this one (weights unused, the dense view under sparse
 uploads).
 
 Rows with inf/nan get trust 0. Norms are scaled
-(:func:`._common.safe_norm`). Acceptance is ``trust_i``.
+(:func:`._common.safe_norm`). Both only in rounds where a plain squared norm
+or product overflows (``lax.cond``); otherwise two passes over the updates:
+the norms and the products with ``g0`` in one fused reduction, then
+``(trust / norms) @ U``. Acceptance is ``trust_i``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators import _common
@@ -40,18 +44,41 @@ def fltrust() -> Aggregator:
           "fltrust needs the server's update on its root set in "
           "ctx.extra['server_update'] (f32[d]); compute it in the round step")
     g0 = ctx.extra["server_update"].astype(updates.dtype)
-    ok = _common.finite_rows(updates)
-    x = _common.zero_rows(updates, ok)
     norm0 = _common.safe_norm(g0)
-    norms = _common.safe_norm(x)
-    # cos via unit vectors, so that huge rows cannot overflow the dot product.
-    unit0 = _common.divide(g0, norm0)
-    units = _common.divide(x, norms[:, None])
-    cos = jnp.clip(units @ unit0, -1.0, 1.0)
-    trust = jnp.where(ok & (norms > 0) & (norm0 > 0), jnp.maximum(cos, 0.0), 0.0)
-    total = jnp.sum(trust)
-    update = jnp.where(total > 0, norm0 * (trust @ units) / jnp.where(total > 0, total, 1.0),
-                       0.0)
+
+    def checked(_):
+      ok = _common.finite_rows(updates)
+      x = _common.zero_rows(updates, ok)
+      norms = _common.safe_norm(x)
+      # cos via unit vectors, so that huge rows cannot overflow the dot product.
+      unit0 = _common.divide(g0, norm0)
+      units = _common.divide(x, norms[:, None])
+      cos = jnp.clip(units @ unit0, -1.0, 1.0)
+      trust = jnp.where(ok & (norms > 0) & (norm0 > 0), jnp.maximum(cos, 0.0), 0.0)
+      total = jnp.sum(trust)
+      update = jnp.where(total > 0, norm0 * (trust @ units) / jnp.where(total > 0, total, 1.0),
+                         0.0)
+      return update, trust, cos
+
+    # Two passes when nothing overflows: the norms and the products with g0
+    # in one fused reduction, then (trust / norms) @ U.
+    sq = jnp.sum(jnp.square(updates), axis=1)
+    dots = jnp.sum(updates * g0[None, :], axis=1)
+    norms = jnp.sqrt(sq)
+
+    def fast(_):
+      denom = norms * norm0
+      cos = jnp.clip(dots / jnp.where(denom > 0, denom, 1.0), -1.0, 1.0)
+      trust = jnp.where((norms > 0) & (norm0 > 0), jnp.maximum(cos, 0.0), 0.0)
+      total = jnp.sum(trust)
+      coef = trust / jnp.where(norms > 0, norms, 1.0)
+      update = jnp.where(total > 0, norm0 * (coef @ updates) / jnp.where(total > 0, total, 1.0),
+                         0.0)
+      return update, trust, cos
+
+    finite = (jnp.all(jnp.isfinite(sq)) & jnp.all(jnp.isfinite(dots))
+              & jnp.isfinite(norm0) & (norm0 < 1e18))
+    update, trust, cos = jax.lax.cond(finite, fast, checked, None)
     return AggOut(update, trust, {"cos": cos})
 
   return stateless(apply)
