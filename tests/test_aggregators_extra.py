@@ -205,3 +205,23 @@ def test_extra_finite_with_f_bad_rows(name, hp, bad):
   assert np.all(np.isfinite(got)) and np.all(np.isfinite(acc))
   if bad != "huge" or name not in ("lasa", "fltrust"):  # both rescale norms
     assert acc[1] == 0 and acc[6] == 0
+
+
+@pytest.mark.parametrize("shape,k", [((3, 50), 1), ((3, 50), 15), ((4, 7), 7),
+                                     ((2, 3, 40), 12)])
+def test_lasa_kth_largest_abs_host_and_bisection(shape, k):
+  from fedjax_sparse.aggregators import lasa as lasa_lib
+  rs = np.random.RandomState(k)
+  x = rs.randn(*shape).astype(np.float32)
+  x[..., :3] = x[..., 3:6]  # ties
+  x[0, 0] = -1e30
+  want = -np.sort(-np.abs(x), axis=-1)[..., k - 1]
+  got = jax.jit(lambda v: lasa_lib.kth_largest_abs(v, k))(x)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  flat = x.reshape(-1, shape[-1])
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda v: lasa_lib.kth_largest_abs_bisect(v, k))(flat)),
+      want.reshape(-1))
+  # Under vmap (seed batches) as well.
+  np.testing.assert_array_equal(
+      np.asarray(jax.vmap(lambda v: lasa_lib.kth_largest_abs(v, k))(x)), want)
