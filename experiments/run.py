@@ -211,7 +211,8 @@ def main():
   if not coordinator:
     return 0
   keys = ["final_accuracy", "final_top5_accuracy", "best_accuracy",
-          "compile_seconds", "median_round_seconds", "wall_seconds",
+          "compile_seconds", "startup_seconds", "median_round_seconds",
+          "wall_seconds",
           "num_params", "attack_rounds"]
   print(json.dumps({k: summary[k] for k in keys}, indent=2))
   return 0

@@ -25,7 +25,7 @@ FLAGS = ["--dataset=synthetic", "--partition=iid", "--num_clients=6",
          "--lr=0.1", f"--rounds={ROUNDS}", "--eval_every=1"]
 # Timings differ from run to run; everything else must match exactly.
 TIMINGS = ("seconds", "compile_seconds", "median_round_seconds",
-           "wall_seconds")
+           "wall_seconds", "startup_seconds")
 
 
 def _env(cache_dir=None):

@@ -53,7 +53,7 @@ def test_seed_batch_records_what_separate_runs_record(tmp_path, fields):
     extra = {"round_losses", "seeds_per_step", "seed_batch"}
     assert set(got) - extra == set(ref)
     for k in set(ref) - {"config", "compile_seconds", "wall_seconds",
-                         "median_round_seconds"}:
+                         "median_round_seconds", "startup_seconds"}:
       if isinstance(ref[k], float):
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-6,
                                    err_msg=k)

@@ -51,6 +51,8 @@ malicious (:func:`fedjax_sparse.simulation.round.make_twin_round_step`).
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,16 +320,18 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True,
   round's record, as written to ``rounds.jsonl`` (e.g. to drive a sweep's
   overall progress display).
   """
+  started = time.perf_counter()
   exp = Experiment(cfg, fd)
   if not cfg.output_dir:
-    return _run_experiment(exp, cfg, progress, on_round)
+    return _run_experiment(exp, cfg, progress, on_round, started)
   with run_safety.output_lock(cfg.output_dir):
-    return _run_experiment(exp, cfg, progress, on_round)
+    return _run_experiment(exp, cfg, progress, on_round, started)
 
 
 def _run_experiment(exp: Experiment, cfg: ExperimentConfig, progress: bool,
-                    on_round=None) -> dict:
+                    on_round=None, started=None) -> dict:
   from fedjax_sparse.simulation.loop import run_loop
   return run_loop(SingleRunner(exp), progress=progress,
                   on_round=(None if on_round is None
-                            else lambda i, rec: on_round(rec)))[0]
+                            else lambda i, rec: on_round(rec)),
+                  started=started)[0]

@@ -74,7 +74,7 @@ def _postfix(loss: float, seconds: float, last: Optional[dict],
 
 
 def run_loop(runner, progress: bool = False, on_round=None,
-             desc: str = "rounds") -> list[dict]:
+             desc: str = "rounds", started: Optional[float] = None) -> list[dict]:
   """Runs (or resumes) every seed of ``runner`` to ``rounds``.
 
   Args:
@@ -83,12 +83,16 @@ def run_loop(runner, progress: bool = False, on_round=None,
     on_round: called as ``on_round(i, record)`` after each round, once per
       seed (``i``: the seed's index).
     desc: the progress bar's label.
+    started: ``time.perf_counter()`` when the caller began building the run
+      (default: now); the summaries' ``startup_seconds`` count from it to
+      the start of the first round run here (building, resuming, compiling).
 
   Returns:
     One summary per seed (also written to each output directory's
     ``summary.json``).
   """
   from fedjax_sparse.simulation.experiment import round_record, run_summary
+  started = time.perf_counter() if started is None else started
   cfgs = runner.cfgs
   cfg = cfgs[0]
   num = len(cfgs)
@@ -111,6 +115,7 @@ def run_loop(runner, progress: bool = False, on_round=None,
     bar = tqdm(total=cfg.rounds, initial=start, desc=desc, unit="round",
                dynamic_ncols=True)
   t_run = time.perf_counter()
+  startup_s = t_run - started
   for r in range(start, cfg.rounds):
     t0 = time.perf_counter()
     state, metrics = step(state, runner.data)
@@ -148,6 +153,7 @@ def run_loop(runner, progress: bool = False, on_round=None,
   for i, c in enumerate(cfgs):
     recs, ev = records[i], last_eval[i]
     summary = run_summary(c, recs, ev, compile_s, wall, runner.num_params)
+    summary["startup_seconds"] = startup_s
     for k in runner.final_eval_keys:
       summary[f"final_{k}"] = ev.get(k) if ev else None
     if cfg.twin:

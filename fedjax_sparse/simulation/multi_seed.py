@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -98,6 +99,7 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
     ``seeds_per_step`` (S; the timings are those of the batched step, which
     advances every seed).
   """
+  started = time.perf_counter()
   b = batch if batch is not None else SeedBatch(cfg, seeds, fd, mode)
   num = b.num_seeds
   if output_dirs is None and cfg.output_dir:
@@ -105,11 +107,11 @@ def run_seeds(cfg: ExperimentConfig, seeds: Sequence[int], *, fd=None,
   if output_dirs is not None and len(output_dirs) != num:
     raise ValueError(f"{len(output_dirs)} output_dirs for {num} seeds")
   if not output_dirs:
-    return _run_seeds(cfg, b, progress, output_dirs, on_round)
+    return _run_seeds(cfg, b, progress, output_dirs, on_round, started)
   # Every seed's directory is locked as a separate run's would be (all or
   # none; see run_safety.output_lock).
   with run_safety.output_locks(output_dirs):
-    return _run_seeds(cfg, b, progress, output_dirs, on_round)
+    return _run_seeds(cfg, b, progress, output_dirs, on_round, started)
 
 
 class BatchRunner:
@@ -215,7 +217,9 @@ class BatchRunner:
 
 
 def _run_seeds(cfg: ExperimentConfig, b: SeedBatch, progress: bool,
-               output_dirs: Optional[Sequence[str]], on_round=None) -> list[dict]:
+               output_dirs: Optional[Sequence[str]], on_round=None,
+               started: Optional[float] = None) -> list[dict]:
   from fedjax_sparse.simulation.loop import run_loop
   return run_loop(BatchRunner(cfg, b, output_dirs), progress=progress,
-                  on_round=on_round, desc=f"rounds x{b.num_seeds} seeds")
+                  on_round=on_round, desc=f"rounds x{b.num_seeds} seeds",
+                  started=started)

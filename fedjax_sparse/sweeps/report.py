@@ -39,7 +39,8 @@ CSV_COLUMNS = ("cell", "status", "attack", "aggregator", "malicious_fraction",
                "best_accuracy", "final_top5_accuracy", "final_asr",
                "final_l1_to_twin", "final_twin_accuracy",
                "final_targeted_accuracy", "final_oif", "mean_tpr", "mean_fpr",
-               "uplink_bits_total", "downlink_bits_total", "wall_seconds", "compile_seconds")
+               "uplink_bits_total", "downlink_bits_total", "wall_seconds", "compile_seconds",
+               "startup_seconds")
 # The columns read from summary.json.
 _SUMMARY_COLUMNS = CSV_COLUMNS[CSV_COLUMNS.index("final_accuracy"):]
 
