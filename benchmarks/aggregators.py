@@ -343,14 +343,15 @@ def bench_safesparse_sparse(reps, K=20, d=270_000, ratio=0.5):
 
 
 def _table(records):
-  lines = ["| rule | K | d | jax ms | jax+escape ms | numpy ms | ByzFL ms "
-           "| vs numpy | vs ByzFL |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| rule | K | d | jax ms | GB/s read | jax+escape ms | numpy ms "
+           "| ByzFL ms | vs numpy | vs ByzFL |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in records:
     esc = r.get("jax_with_escape_median_s")
     bz = r.get("byzfl_median_s")
     lines.append(
         f"| {r['rule']} | {r['K']} | {r['d']:,} | {r['jax_median_s'] * 1e3:.1f} | "
+        f"{r['K'] * r['d'] * 4 / r['jax_median_s'] / 1e9:.1f} | "
         f"{'' if esc is None else f'{esc * 1e3:.1f}'} | "
         f"{r['numpy_median_s'] * 1e3:.1f}{'*' if r['numpy_reps'] == 1 else ''} | "
         + ("" if bz is None else
@@ -358,6 +359,9 @@ def _table(records):
         + f" | {r['speedup_vs_numpy']:.2f}x | "
         + ("" if bz is None else f"{r['speedup_vs_byzfl']:.2f}x") + " |")
   lines.append("")
+  lines.append("GB/s read: the updates' bytes (4 K d) over the rule's time, a "
+               "lower bound on its memory traffic (one pass); compare with the "
+               "measured bandwidth above the table.")
   lines.append("`*` timed on one call after a warm-up call over 2 s. ByzFL "
                + (f"{BYZFL.version}'s numpy path; an empty cell: no such rule"
                   " in ByzFL." if BYZFL is not None else
@@ -391,6 +395,27 @@ def _summary(records, sparse_rows):
   }
 
 
+def measure_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> dict:
+  """The machine's read bandwidth as the rules see it: a jitted sum over an
+  ``f32`` buffer of ``nbytes`` (one pass, 256 MiB: beyond the caches), and
+  numpy's sum of the same buffer, in GB/s (best of ``reps``)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  xn = np.ones((nbytes // 4,), np.float32)
+  out = {}
+  for name, fn in (("jax", lambda: f(x)), ("numpy", lambda: xn.sum())):
+    jax.block_until_ready(fn())
+    best = min(_timed_once(fn) for _ in range(reps))
+    out[f"{name}_sum_gb_s"] = nbytes / best / 1e9
+  return out
+
+
+def _timed_once(fn):
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="K=25, d=270k only")
@@ -417,7 +442,11 @@ def main():
       del u, w, aux
   print("SafeSparse on sparse uploads:", flush=True)
   sparse_rows = bench_safesparse_sparse(max(args.reps, 10))
-  table = _table(records)
+  bandwidth = measure_bandwidth()
+  table = (f"Measured read bandwidth (one pass over 256 MiB): jax "
+           f"{bandwidth['jax_sum_gb_s']:.1f} GB/s, numpy "
+           f"{bandwidth['numpy_sum_gb_s']:.1f} GB/s; load average "
+           f"{load_start[0]:.1f} at the start.\n\n" + _table(records))
   print()
   print(table)
   summary = _summary(records, sparse_rows)
@@ -432,6 +461,7 @@ def main():
       "load_average_at_start": load_start,
       "load_average_at_end": os.getloadavg(),
       "byzfl_version": None if BYZFL is None else BYZFL.version,
+      "bandwidth": bandwidth,
       "wall_s": time.time() - t_start,
       "notes": ("Dense uploads, f = K // 5, weights U(1, 100), no layout. jax: median "
                 "of several jitted calls after a warm-up call (nothing donated); "
