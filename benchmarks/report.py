@@ -141,9 +141,31 @@ def scale(r: dict) -> str:
   return "\n".join(out)
 
 
+def peer_round(r: dict) -> str:
+  m, v, s = r["machine"], r["versions"], r["summary"]
+  la0, la1 = r["load_average_at_start"][0], r["load_average_at_end"][0]
+  torch_cfg = "; ".join(
+      f"{c['model']}: " + ", ".join(f"{k} {sec * 1e3:.0f} ms"
+                                    for k, sec in c["seconds"].items())
+      + f" -> {c['best']}" for c in r.get("torch_settings", []))
+  out = [f"Against an FL-Byzantine-Library-style PyTorch round "
+         f"(`benchmarks/peer_round.py`, {m['processor']}, {m['cpus']} cores, "
+         f"{m['devices']} host devices, JAX {v['jax']}, PyTorch {v['torch']}, "
+         f"load average {la0:.1f} at the start, {la1:.1f} at the end): "
+         f"{r['notes']}"]
+  if torch_cfg:
+    out.append(f"Torch configuration chosen by measurement ({torch_cfg}).")
+  out += ["", r["table_markdown"].strip(), "",
+          f"Targets: >= 1.5x in every K = 25 row "
+          f"{'met' if s['k25_1p5x_met'] else 'not met'}; >= 3x at K = 100, 10 "
+          f"local steps {'met' if s['k100_10steps_3x_met'] else 'not met'}."]
+  return "\n".join(out)
+
+
 SECTIONS = {"round_throughput.json": round_throughput,
             "sparsify.json": sparsify, "attacks.json": attacks,
-            "aggregators.json": aggregators, "scale.json": scale}
+            "aggregators.json": aggregators, "scale.json": scale,
+            "peer_round.json": peer_round}
 
 
 def main():
