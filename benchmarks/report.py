@@ -162,10 +162,26 @@ def peer_round(r: dict) -> str:
   return "\n".join(out)
 
 
+def sweep_startup(r: dict) -> str:
+  st = r["settings"]
+  return "\n".join([
+      f"Sweep cell startup (`benchmarks/sweep_startup.py`, {r['cpu_count']} "
+      f"cores, load average {r['load_average_at_start'][0]:.1f} at the "
+      f"start): {st['cells']} cells of {st['model']} on {st['dataset']} "
+      f"that differ only in the seed, run by the sweep binary with an empty "
+      f"persistent compilation cache (cold) and again with it filled (warm); "
+      f"seconds from each cell's start to its first round.", "",
+      r["table_markdown"].strip(), "",
+      f"Target: cells 2-8 within {r['target_s']:g} s: cold "
+      f"{'met' if r['summary']['cold_later_cells_within_2s'] else 'not met'}"
+      f", warm "
+      f"{'met' if r['summary']['warm_later_cells_within_2s'] else 'not met'}."])
+
+
 SECTIONS = {"round_throughput.json": round_throughput,
             "sparsify.json": sparsify, "attacks.json": attacks,
             "aggregators.json": aggregators, "scale.json": scale,
-            "peer_round.json": peer_round}
+            "peer_round.json": peer_round, "sweep_startup.json": sweep_startup}
 
 
 def main():
