@@ -9,8 +9,9 @@ FLARE Alg. 2 when sparse). Distances are those of the zero-filled dense
 vectors, as the papers evaluate Krum under sparsity.
 
 Distances come from the Gram matrix, ``||a||^2 + ||b||^2 - 2<a, b>`` clamped at
-0, after centring on the mean, or on the coordinate-wise median when a few
-far rows drag the mean away (see :func:`._distances.pairwise_sq_dists`).
+0, after centring on the mean, or on a central row (the medoid of the rows
+near the median norm) when a few far rows drag the mean away (see
+:func:`._distances.pairwise_sq_dists`).
 Rows with inf/nan are infinitely far from all others, so they get an
 infinite score and are never accepted while at least ``m`` rows are finite.
 Ties go to the lower client index. Both rules need ``K >= 2f + 3``
