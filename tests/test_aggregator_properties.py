@@ -13,11 +13,13 @@ until it is listed in :data:`CLAIMS`), each rule built on its own through
   bound (``Claim.bound``, checked by :func:`_check_bound`):
 
   - ``box``: inside the honest rows' coordinate range (median, trimmed mean,
-    Krum, Multi-Krum, Bulyan, bulyan_fast, GAS, DnC, FLGuardian and, for
-    rows beyond ``f32``'s squared range only, Robust-DPFL);
+    Krum, Multi-Krum, Bulyan, bulyan_fast, GAS, DnC, FLGuardian, MDA, SMEA,
+    CAF, MoNNA with ``pivot=None`` and, for rows beyond ``f32``'s squared
+    range only, Robust-DPFL);
   - ``ball``: within twice the diagonal of the honest rows' bounding box of
     their mean (RFA: the geometric median moves at most a constant times
-    the honest spread);
+    the honest spread; Meamed: each coordinate within the honest width of
+    the median);
   - ``norm``: norm at most the largest honest norm (LASA and FLAME clip to
     the median norm; FLAME with its noise off, ``lamb=0``);
   - ``clip``: norm at most ``L`` (clipping: a mean of rows of norm <= L);
@@ -36,12 +38,14 @@ until it is listed in :data:`CLAIMS`), each rule built on its own through
 * State: 20 rounds of such inputs, the state carried, leave every state leaf
   finite (and the bound of each round holds).
 * Weights: all zero, or zero on a non-finite row, give a finite output.
-* The pre-aggregators (bucketing, NNM) around median and fedavg stay finite.
+* The pre-aggregators (bucketing, NNM, clip, ARC) around median and fedavg
+  stay finite.
 * Permutation invariance with equal weights (the same PRNG key).
 * Translation equivariance ``rule(u + c) = rule(u) + c`` for the rules that
   have it (:data:`TRANSLATION`): median, trimmed mean, fedavg, nwfedavg,
   fednova (equal step counts), Krum, Multi-Krum, Bulyan, bulyan_fast, RFA,
-  GAS, DnC, and centered clipping with its reference shifted too.
+  GAS, DnC, MDA, MoNNA, Meamed, CAF, SMEA, and centered clipping with its
+  reference shifted too.
 * Small shapes: ``K = 1``, ``K = 2`` and ``d = 1`` give finite outputs; only
   the Krum-based rules refuse ``K < 3`` (:data:`MIN_K`), with a
   ``ValueError`` that says what to change.
@@ -141,6 +145,18 @@ CLAIMS = {
     "foolsgold": Claim(hp=(("num_clients", K),), bound="finite",
                        why="weights from the direction of histories"),
     "rlr": Claim(bound="finite", why="a mean with sign-flipped coordinates"),
+    "mda": Claim(why="the K - f rows of smallest diameter are honest when the "
+                     "outliers are far"),
+    "smea": Claim(why="the K - f rows of smallest covariance are honest when "
+                      "the outliers are far"),
+    "caf": Claim(why="far rows are filtered first; the best pass weighs "
+                     "honest rows only"),
+    # The default pivot (row 0) is trusted, not checked: a Byzantine row 0
+    # moves the output anywhere (tests/test_aggregators_byzfl_rules.py).
+    "monna": Claim(hp=(("pivot", None),),
+                   why="the tightest K - f neighbourhood is honest"),
+    "meamed": Claim(bound="ball", why="the K - f values closest to the median "
+                                      "lie within the honest width of it"),
 }
 SKIP = {
     "class_aware_masking": "needs the model (apply_fn, unravel) and the "
@@ -150,7 +166,8 @@ SKIP = {
 }
 TRANSLATION = ("median", "trimmed_mean", "fedavg", "nwfedavg", "fednova",
                "krum", "multi_krum", "bulyan", "bulyan_fast", "rfa", "gas",
-               "dnc", "centered_clipping")
+               "dnc", "centered_clipping", "mda", "monna", "meamed", "caf",
+               "smea")
 RULES = sorted(agg_lib.names())
 
 

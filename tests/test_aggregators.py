@@ -91,8 +91,9 @@ def test_registry_names_and_errors():
                "centered_clipping", "signsgd", "fedsign", "robust_dpfl",
                "safesparse"]:
     assert name in agg_lib.names()
-  assert agg_lib.pre_names() == ["bucketing", "clip", "nnm"]
-  with pytest.raises(ValueError, match="known pre-aggregators: bucketing, clip, nnm"):
+  assert agg_lib.pre_names() == ["arc", "bucketing", "clip", "nnm"]
+  with pytest.raises(ValueError,
+                     match="known pre-aggregators: arc, bucketing, clip, nnm"):
     agg_lib.get_pre("nope")
   u, _, _ = _data(0)
   with pytest.raises(ValueError, match="K - f - 2"):

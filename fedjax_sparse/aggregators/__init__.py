@@ -30,6 +30,12 @@ from fedjax_sparse.aggregators import fetchsgd as _fetchsgd  # registers fetchsg
 from fedjax_sparse.aggregators import flame as _flame  # registers flame
 from fedjax_sparse.aggregators import foolsgold as _foolsgold  # registers foolsgold
 from fedjax_sparse.aggregators import rlr as _rlr  # registers rlr
+from fedjax_sparse.aggregators import mda as _mda  # registers mda
+from fedjax_sparse.aggregators import monna as _monna  # registers monna
+from fedjax_sparse.aggregators import meamed as _meamed  # registers meamed
+from fedjax_sparse.aggregators import caf as _caf  # registers caf
+from fedjax_sparse.aggregators import smea as _smea  # registers smea
+from fedjax_sparse.aggregators import arc as _arc  # pre-registers arc
 
 __all__ = ["AggContext", "AggOut", "Aggregator", "combine", "compose",
            "expand_pack_mask", "get", "get_pre", "names", "pre_names",
