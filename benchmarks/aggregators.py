@@ -136,6 +136,22 @@ def _np_select(u, w, accept):
   return refs.np_combine(u, None, w, accept, 1, F32)
 
 
+def _np_meamed_windows(u, f):
+  """Meamed with whole-array numpy: of the ``f + 1`` windows of ``K - f``
+  sorted values, the one whose farthest value is closest to the median
+  (tests/aggregator_refs.py ``np_meamed`` is the per-coordinate loop)."""
+  k = len(u)
+  n = k - f
+  s = np.sort(u, axis=0)
+  med = np.median(s, axis=0)
+  cost = np.stack([np.maximum(med - s[i], s[i + n - 1] - med)
+                   for i in range(f + 1)])
+  start = np.argmin(cost, axis=0)
+  csum = np.concatenate([np.zeros((1, u.shape[1]), u.dtype), np.cumsum(s, 0)])
+  cols = np.arange(u.shape[1])
+  return (csum[start + n, cols] - csum[start, cols]) / n
+
+
 def numpy_rule(name, u, w, f, aux):
   """The numpy reference of rule ``name`` on dense uploads."""
   k, d = u.shape
@@ -208,20 +224,36 @@ def numpy_rule(name, u, w, f, aux):
     return refs.np_foolsgold(u, u, w, dtype=F32)[0]
   if name == "rlr":
     return refs.np_rlr(u, None, w, 4.0, dtype=F32)
+  if name == "mda":  # exact up to 65536 subsets, else the best neighbourhood
+    return _np_select(u, w, refs.np_mda(u, f, dtype=F32)[0].astype(F32))
+  if name == "smea":  # exact up to 5000 subsets, else f greedy removals
+    return _np_select(u, w, refs.np_smea(u, f, dtype=F32)[0].astype(F32))
+  if name == "monna":
+    return _np_select(u, w, refs.np_monna(u, f, dtype=F32).astype(F32))
+  if name == "meamed":
+    return _np_meamed_windows(u, f)
+  if name == "caf":  # unweighted: the filter's weights only
+    c, _ = refs.np_caf(u, f, dtype=F32)
+    return refs.np_combine(u, None, np.ones(k, F32), c, 1, F32)
   raise KeyError(f"no numpy reference for {name!r}")
 
 
 # ---------------------------------------------------------------- ByzFL side
 
 
-def byzfl_rule(name, f):
+def byzfl_rule(name, f, k=None):
   """ByzFL's numpy path for rule ``name`` (a function of the ``f32[K, d]``
   numpy updates), or ``None`` when ByzFL is not installed or has no such
-  rule. Same work, not always the same numbers: ByzFL's mean is unweighted
+  rule, or (MDA, SMEA: ``k`` given) when ByzFL would loop in Python over
+  more than 65536 (MDA) or 100 (SMEA, a power step on ``d``-vectors each)
+  subsets. Same work, not always the same numbers: ByzFL's mean is unweighted
   (ours ``fedavg`` weighted), its Krum family counts ``K - f - 1``
   neighbours (ours ``K - f - 2``), its ``GeometricMedian`` takes ``T = 3``
   Weiszfeld steps from zeros (ours, Pillutla et al.'s, runs from the
-  coordinate median to a tolerance); see tests/test_byzfl_oracle.py."""
+  coordinate median to a tolerance); see tests/test_byzfl_oracle.py. Ours
+  MDA, MoNNA and SMEA weigh the mean of the clients they select; ByzFL's
+  CAF and SMEA estimate eigenvalues with one random power step (see
+  tests/test_aggregators_byzfl_rules.py)."""
   if BYZFL is None:
     return None
   b = BYZFL
@@ -233,7 +265,15 @@ def byzfl_rule(name, f):
       "krum": lambda: b.Krum(f=f),
       "multi_krum": lambda: b.MultiKrum(f=f),
       "rfa": lambda: b.GeometricMedian(nu=0.1, T=3),
+      "meamed": lambda: b.Meamed(f=f),
+      "monna": lambda: b.MoNNA(f=f),  # pivot row 0, as ours by default
+      "caf": lambda: b.CAF(f=f),
   }
+  subsets = None if k is None else math.comb(k, k - f)
+  if name == "mda" and (subsets is None or subsets <= 65536):
+    return b.MDA(f=f)
+  if name == "smea" and (subsets is None or subsets <= 100):
+    return b.SMEA(f=f)
   if name == "centered_clipping":  # ByzFL keeps its centre: a fresh one a call
     return lambda u: b.CenteredClipping(L=1, tau=1.0)(u)
   if name == "clipping":
@@ -298,7 +338,7 @@ def bench_rule(name, K, d, u_np, w_np, aux, reps):
                                         reps)
   rec.update({"numpy_median_s": np_s, "numpy_first_call_s": np_first,
               "numpy_reps": np_reps, "speedup_vs_numpy": np_s / jax_s})
-  peer = byzfl_rule(name, f)
+  peer = byzfl_rule(name, f, K)
   if peer is not None:
     u_peer = u_np.copy()  # ByzFL's Clipping writes into its input
     bz_s, _, bz_reps = _time_numpy(lambda: peer(u_peer), reps)
