@@ -60,7 +60,8 @@ MODEL_SPACE_CASES = {f"{n}@model": (n, {"space": "model"}) for n in SPACE_ATTACK
 def test_registry():
   assert set(UPDATE_CASES) | {"targeted_pgd"} == set(A.update_attack_names())
   assert set(A.data_attack_names()) == {"label_flip", "pixel_backdoor", "dba",
-                                        "semantic_backdoor", "convergence_prevention"}
+                                        "semantic_backdoor", "convergence_prevention",
+                                        "neurotoxin"}
   with pytest.raises(ValueError, match="known update attacks: .*alie"):
     A.get_update_attack("nope")
   with pytest.raises(ValueError, match="data attack"):

@@ -30,7 +30,7 @@ def test_declarations_of_the_built_in_rules_and_attacks():
             if requirements.SPARSIFIER in requirements.attack_needs(n)}
   assert sparse == {"mask_mimicry", "sign_camouflage"}
   assert requirements.attack_needs("none") == frozenset()
-  assert metrics.backdoor_attacks() == ["dba", "pixel_backdoor",
+  assert metrics.backdoor_attacks() == ["dba", "neurotoxin", "pixel_backdoor",
                                         "semantic_backdoor"]
   assert not metrics.is_backdoor("ipm") and not metrics.is_backdoor("none")
 

@@ -10,7 +10,9 @@ From flags (name and parsed arguments, mask built on the initial model):
 
 Data attacks (``get_data_attack(name)(num_classes, ...)``): ``label_flip``,
 ``pixel_backdoor``, ``dba``, ``semantic_backdoor``,
-``convergence_prevention``.
+``convergence_prevention``, ``neurotoxin`` (a pixel backdoor trained by
+projected gradient descent off the coordinates of the largest previous
+global update).
 """
 
 from fedjax_sparse.attacks.base import (CHOOSE_MODES, KNOWLEDGE, AttackContext,
@@ -78,3 +80,4 @@ __all__ = [
     "global_trigger", "label_flip", "pixel_backdoor", "semantic_backdoor",
     "square_trigger",
 ]
+from fedjax_sparse.attacks.neurotoxin import neurotoxin, neurotoxin_mask

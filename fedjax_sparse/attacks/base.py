@@ -128,10 +128,17 @@ class DataAttack(NamedTuple):
   Attributes:
     apply: the batch transformation.
     num_classes: number of classes it was built for.
+    grad_mask: optional ``grad_mask(ctx) -> f32[d]``, a multiplier on the
+      poisoning client's flat gradient at every local step (projected
+      gradient descent onto the coordinates it leaves nonzero, as
+      Neurotoxin's); ``ctx`` is the client's :class:`AttackContext` with
+      ``prev_aggregate`` (last round's aggregated update). None: gradients
+      as they are.
   """
 
   apply: DataApplyFn
   num_classes: int
+  grad_mask: Optional[Callable[..., Array]] = None
 
 
 def no_state(d: int) -> tuple:

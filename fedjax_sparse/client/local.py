@@ -270,6 +270,12 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
                                 client_state)
     k_pos, k_attack = jax.random.split(key)
     pos, valid = _batch_positions(cfg, n_max, count, k_pos)
+    grad_mask = None
+    if data_attack is not None and data_attack.grad_mask is not None:
+      # The poisoning client's projection (e.g. Neurotoxin's), as a params
+      # pytree; others keep their gradients.
+      flat_mask = data_attack.grad_mask(attack_ctx)
+      grad_mask = ravel_pytree(params)[1](flat_mask.astype(jnp.float32))
     steps = jnp.arange(pos.shape[0], dtype=jnp.int32)
     if momentum_mode:
       mom0 = client_state
@@ -293,6 +299,10 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
       (_, (loss, new_ms)), g = grad_fn(p, ms, global_params, x, y, ex_mask)
       if cfg.scaffold:
         g = jax.tree.map(jnp.add, g, correction)
+      if grad_mask is not None:
+        g = jax.tree.map(
+            lambda gi, mi: jnp.where(poison, gi * mi.astype(gi.dtype), gi),
+            g, grad_mask)
       live = jnp.any(valid_s)
       if momentum_mode:
         if cfg.weight_decay > 0:

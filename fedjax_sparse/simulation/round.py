@@ -227,7 +227,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       actx = None
       if data_attack is not None:
         from fedjax_sparse.attacks import AttackContext
-        actx = AttackContext(round=rnd, extra={"client_rank": rk})
+        actx = AttackContext(round=rnd, prev_aggregate=state.prev_aggregate,
+                             extra={"client_rank": rk})
       return train_one(params, model_state, cs if stateful else (), x_all,
                        y_all, idx_row, count, k, psn, actx, control,
                        lr_scale=lr_multiplier(cfg, rnd))
