@@ -8,7 +8,7 @@ assumed, no layout, so layer-wise rules see one layer):
    and a validation set) at K in {25, 50, 100} and d in {270k, 700k}: the
    jitted ``apply`` (nothing donated; the median of several calls after a
    warm-up call, which also compiles) against the numpy reference of
-   ``tests/aggregator_refs.py`` (in ``float32``, the rules' precision).
+   ``fedjax_sparse/testing/aggregator_refs.py`` (in ``float32``, the rules' precision).
    FLTrust gets a random ``server_update`` in ``ctx.extra`` and FedNova
    random ``local_steps`` (5 to 20). SparseFed and
    FetchSGD update 1% of the coordinates (FetchSGD: 5 x 10k-column sketch).
@@ -43,7 +43,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -56,11 +55,8 @@ from fedjax_sparse.simulation import io
 from fedjax_sparse.sparsify import pack_topk_batch
 from fedjax_sparse.sparsify.sketch import CountSketch
 
-# The numpy references live beside the tests (tests/ is not a package).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "tests"))
-import aggregator_refs as refs  # noqa: E402
-from fedjax_sparse.testing import byzfl as byzfl_loader  # noqa: E402
+from fedjax_sparse.testing import aggregator_refs as refs
+from fedjax_sparse.testing import byzfl as byzfl_loader
 
 BYZFL = byzfl_loader.load()
 
@@ -139,7 +135,7 @@ def _np_select(u, w, accept):
 def _np_meamed_windows(u, f):
   """Meamed with whole-array numpy: of the ``f + 1`` windows of ``K - f``
   sorted values, the one whose farthest value is closest to the median
-  (tests/aggregator_refs.py ``np_meamed`` is the per-coordinate loop)."""
+  (fedjax_sparse/testing/aggregator_refs.py ``np_meamed`` is the per-coordinate loop)."""
   k = len(u)
   n = k - f
   s = np.sort(u, axis=0)
@@ -404,7 +400,9 @@ def _table(records):
                "measured bandwidth above the table.")
   lines.append("`*` timed on one call after a warm-up call over 2 s. ByzFL "
                + (f"{BYZFL.version}'s numpy path; an empty cell: no such rule"
-                  " in ByzFL." if BYZFL is not None else
+                  " in ByzFL, or one that loops over more subsets in Python "
+                  "than can be timed (MDA beyond 65536, SMEA beyond 100)."
+                  if BYZFL is not None else
                   "not installed (`make peers`): its columns are empty."))
   return "\n".join(lines)
 
@@ -505,7 +503,7 @@ def main():
       "wall_s": time.time() - t_start,
       "notes": ("Dense uploads, f = K // 5, weights U(1, 100), no layout. jax: median "
                 "of several jitted calls after a warm-up call (nothing donated); "
-                "numpy: float32 references of tests/aggregator_refs.py, one timed "
+                "numpy: float32 references of fedjax_sparse/testing/aggregator_refs.py, one timed "
                 "call after the warm-up when that took over 2 s (marked * in the "
                 "table). jax+escape: "
                 "with ctx.extra['malicious'] as the round step passes it. Other "

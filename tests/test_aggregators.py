@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _order_stats
 from fedjax_sparse.aggregators.base import AggContext
-import aggregator_refs as refs
-from aggregator_refs import (np_cc, np_krum_scores, np_median, np_rfa, np_sign_cos,
+from fedjax_sparse.testing import aggregator_refs as refs
+from fedjax_sparse.testing.aggregator_refs import (np_cc, np_krum_scores, np_median, np_rfa, np_sign_cos,
                              np_trimmed, np_two_means_high)
 
 K, D, P, F = 10, 24, 3, 2
@@ -71,7 +71,7 @@ def _coord(masks, d=D, pack_size=P):
 
 
 # ---------------------------------------------------------------- references
-# The numpy references live in tests/aggregator_refs.py (shared with
+# The numpy references live in fedjax_sparse/testing/aggregator_refs.py (shared with
 # benchmarks/aggregators.py); these wrappers add this file's default sizes.
 
 

@@ -1,5 +1,5 @@
 """FLAME, FoolsGold and RLR: numpy/scikit-learn oracles on random inputs
-(tests/aggregator_refs.py) and one hand-computed case each.
+(fedjax_sparse/testing/aggregator_refs.py) and one hand-computed case each.
 
 Few shapes, so that each rule compiles a couple of times at most.
 """
@@ -18,7 +18,7 @@ from fedjax_sparse.aggregators.base import AggContext
 from fedjax_sparse.aggregators.flame import cosine_distances
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aggregator_refs as refs  # noqa: E402
+from fedjax_sparse.testing import aggregator_refs as refs  # noqa: E402
 
 KEY = jax.random.PRNGKey(0)
 _cosine_distances = jax.jit(cosine_distances)

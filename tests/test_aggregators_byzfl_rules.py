@@ -2,7 +2,7 @@
 pre-aggregator (fedjax_sparse/aggregators/{mda,monna,meamed,caf,smea,arc}.py).
 
 Hand-computed cases (ByzFL's docstring examples among them), the numpy
-oracles of tests/aggregator_refs.py (plain loops and enumerations), and
+oracles of fedjax_sparse/testing/aggregator_refs.py (plain loops and enumerations), and
 ByzFL itself (skipped when it is not installed). Where the rules differ from
 ByzFL, by design (their docstrings say why):
 
@@ -30,7 +30,7 @@ import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import arc as arc_lib
 from fedjax_sparse.aggregators.base import AggContext, AggOut, stateless
 from fedjax_sparse.testing import byzfl as byzfl_loader
-import aggregator_refs as refs
+from fedjax_sparse.testing import aggregator_refs as refs
 
 BYZFL = byzfl_loader.load()
 needs_byzfl = pytest.mark.skipif(BYZFL is None, reason="ByzFL not installed")

@@ -13,7 +13,7 @@ import pytest
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _common
 from fedjax_sparse.layout import layout_of
-import aggregator_refs as refs
+from fedjax_sparse.testing import aggregator_refs as refs
 from test_aggregators import D, F, K, KEY, _data, np_combine, run
 
 LAYOUT = layout_of({"dense": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)},

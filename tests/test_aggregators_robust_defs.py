@@ -5,7 +5,7 @@ Weiszfeld from the coordinate-wise median, with a relative-objective stopping
 rule (fedjax_sparse/aggregators/rfa.py). Bulyan (El Mhamdi et al., 2018):
 iterated Krum, then per coordinate the mean of the ``theta - 2f`` values
 closest to the median (fedjax_sparse/aggregators/bulyan.py). The oracles are
-in tests/aggregator_refs.py. Inputs are tiny so that the file runs in seconds.
+in fedjax_sparse/testing/aggregator_refs.py. Inputs are tiny so that the file runs in seconds.
 """
 
 import functools
@@ -21,7 +21,7 @@ from fedjax_sparse.aggregators import _distances
 from fedjax_sparse.aggregators import bulyan as bulyan_lib
 from fedjax_sparse.aggregators.base import AggContext
 from fedjax_sparse.testing import byzfl as byzfl_loader
-import aggregator_refs as refs
+from fedjax_sparse.testing import aggregator_refs as refs
 
 KEY = jax.random.PRNGKey(0)
 

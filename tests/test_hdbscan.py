@@ -1,5 +1,5 @@
 """fedjax_sparse.cluster.hdbscan against scikit-learn's HDBSCAN and the numpy
-walk-through of tests/aggregator_refs.py (``np_hdbscan``).
+walk-through of fedjax_sparse/testing/aggregator_refs.py (``np_hdbscan``).
 
 One compilation for every matrix: matrices are padded to ``N_MAX`` points
 with ``valid``, and the parameters are traced. Matrices come from clustered
@@ -19,7 +19,7 @@ from sklearn.cluster import HDBSCAN
 from fedjax_sparse.cluster import hdbscan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aggregator_refs as refs  # noqa: E402
+from fedjax_sparse.testing import aggregator_refs as refs  # noqa: E402
 
 N_MAX = 40
 _hdbscan = jax.jit(hdbscan)

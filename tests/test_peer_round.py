@@ -24,7 +24,7 @@ from benchmarks import peer_round as pr  # noqa: E402
 
 import fedjax_sparse.aggregators as agg_lib  # noqa: E402
 from fedjax_sparse.aggregators.base import AggContext  # noqa: E402
-from aggregator_refs import np_cc, np_krum_scores  # noqa: E402
+from fedjax_sparse.testing.aggregator_refs import np_cc, np_krum_scores  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
