@@ -21,6 +21,13 @@ Needs:
 * :data:`SPARSIFIER`: the run's top-k ratio, given to the factory as
   ``topk_ratio`` (1 for dense uploads) unless the attack arguments set it
   (attacks that choose the exact mask they upload).
+* :data:`AGGREGATOR`: the deployed rule as the run builds it (with its
+  pre-aggregators), given to an attack's factory as ``aggregator``, with
+  ``num_byzantine`` (the f the rule is told) and the run's pack top-k
+  (``topk_ratio``, 1 for dense uploads, and ``pack_size``), unless the
+  attack arguments set them; the round passes the rule's state in
+  ``AttackContext.extra["agg_state"]`` (attacks that search against the
+  rule: ``optimal_ipm``, ``optimal_alie``).
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
@@ -46,7 +53,8 @@ MODEL = "model"
 AUX_SET = "aux_set"
 POPULATION = "population"
 SPARSIFIER = "sparsifier"
-NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER)
+AGGREGATOR = "aggregator"
+NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER, AGGREGATOR)
 HOOKS = ("asr_eval_set",)
 
 _NEEDS_ATTR = "__fedjax_needs__"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_sparse import aggregators as agg_lib
 from fedjax_sparse import attacks as A
 from fedjax_sparse.layout import layout_of
 from fedjax_sparse.models import get_model
@@ -51,6 +52,9 @@ UPDATE_CASES = {
     "alie": {}, "rop": {}, "mimic": {}, "min_max": {}, "min_sum": {},
     "hsa": {"mask": _MASK}, "dhsa": {"mask": _MASK, "stabilize": "iqr"},
     "c_lasa": {}, "index_poisoning": {"pack_size": 3},
+    "optimal_ipm": {"aggregator": agg_lib.get("median")(), "evals": 6},
+    "optimal_alie": {"aggregator": agg_lib.get("trimmed_mean")(f=2),
+                     "num_byzantine": 2, "evals": 6},
 }
 # The model-space variants (ALGORITHMS.md section 5, threat model).
 SPACE_ATTACKS = ("gna", "scaling", "sign_flip", "model_replacement")

@@ -3,7 +3,8 @@
 Update attacks (``get_update_attack(name)(**hyperparameters)``): ``gna``,
 ``ipm``, ``scaling``, ``boosted_update``, ``copy_boost``, ``sign_flip``,
 ``model_replacement``, ``alie``, ``rop``, ``mimic``, ``min_max``, ``min_sum``, ``hsa``, ``dhsa``, ``c_lasa``,
-``index_poisoning``, ``targeted_pgd``.
+``index_poisoning``, ``targeted_pgd``, ``optimal_ipm``, ``optimal_alie``
+(the attack factor searched against the deployed rule).
 
 From flags (name and parsed arguments, mask built on the initial model):
 :func:`build_update_attack`.
@@ -81,3 +82,4 @@ __all__ = [
     "square_trigger",
 ]
 from fedjax_sparse.attacks.neurotoxin import neurotoxin, neurotoxin_mask
+from fedjax_sparse.attacks.optimal import optimal_alie, optimal_ipm

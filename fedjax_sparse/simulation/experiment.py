@@ -135,6 +135,12 @@ class Experiment:
     if requirements.SPARSIFIER in requirements.attack_needs(cfg.attack):
       attack_kwargs.setdefault(
           "topk_ratio", cfg.topk_ratio if cfg.sparsify == "topk" else 1.0)
+    if requirements.AGGREGATOR in requirements.attack_needs(cfg.attack):
+      attack_kwargs.setdefault("aggregator", self.aggregator)
+      attack_kwargs.setdefault("num_byzantine", cfg.byzantine)
+      attack_kwargs.setdefault(
+          "topk_ratio", cfg.topk_ratio if cfg.sparsify == "topk" else 1.0)
+      attack_kwargs.setdefault("pack_size", cfg.pack_size)
     malicious = attacks_lib.choose_malicious(cfg.num_clients, cfg.num_malicious,
                                              cfg.malicious_mode, cfg.seed)
     # targeted_pgd's auxiliary set, drawn once for the attack and for the

@@ -252,7 +252,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
       actx = AttackContext(round=state.round, global_params=flat_global,
                            prev_aggregate=state.prev_aggregate,
                            weights=weights, layout=layout,
-                           num_clients=num_k, pack_size=pack_size)
+                           num_clients=num_k, pack_size=pack_size,
+                           extra={"agg_state": state.agg_state})
       updates, attack_state = jax.lax.cond(
           attack_active & jnp.any(is_mal),
           lambda u, st: update_attack.apply(st, u, is_mal, k_attack, actx),
