@@ -26,7 +26,7 @@ the K rows) until 2026-12: at K = 100 its network is one fusion of about 1900
 HLO lines, which took about 2 s of the 4-5 s that Krum, Multi-Krum and the
 Bulyans compiled for on the loaded 2-core machine (compile time grows
 faster than the fusion), although the branch runs only under attack. The
-medoid costs two small reductions and one Gram matrix and compiles in a
+medoid costs a row-wise maximum and one Gram matrix and compiles in a
 fraction of that. Any centre near the honest rows gives the same
 distances up to f32 rounding (they are translation invariant): on the
 fallback path Krum scores moved by at most 4e-7 relative and no selection
@@ -101,22 +101,25 @@ def _distances_around(updates: Array, centre: Array) -> tuple[Array, Array]:
 def medoid(updates: Array, ok: Optional[Array] = None) -> Array:
   """``f32[d]``: a central row, the robust centre of the Gram-matrix distances.
 
-  The candidates are the usable rows whose Euclidean norm is at most twice
-  the (lower) median norm of the usable rows; of them, the one with the
-  smallest (lower) median squared distance to the other candidates, ties to
-  the lower row index. While most rows are honest, the median norm is an
-  honest row's, so rows sent far beyond the honest scale (``1e30``, ``1e10``)
-  never take part, and the distances among the candidates, from the
-  Gram matrix of the candidates divided by their largest magnitude
-  (:func:`._common.gram`: no loop over column chunks), resolve the honest
-  scale: the chosen row is within the honest rows' spread of most of them.
-  Only a centre (the distances around it are recomputed exactly as around
-  the mean), so its f32 rounding does not matter.
+  The candidates are the usable rows whose largest magnitude is at most
+  twice the (lower) median of the usable rows' largest magnitudes; of them,
+  the one with the smallest (lower) median squared distance to the other
+  candidates, ties to the lower row index. While most rows are honest, the
+  median magnitude is an honest row's, so rows sent far beyond the honest
+  scale (``1e30``, ``1e10``) never take part. The distances among the
+  candidates come from the uncentred Gram matrix of all rows
+  (:func:`._common.gram`: no loop over column chunks); an entry depends on
+  its two rows only, so the inf/nan and overflows of the other rows stay in
+  their own rows and columns, which are left out, and the candidates'
+  entries resolve the honest scale up to the f32 rounding of their norms:
+  the chosen row is within about the honest rows' spread of most of them.
+  It is only a centre: the distances around it are computed exactly as
+  around the mean, so its own f32 rounding does not matter.
 
   Args:
     updates: ``f32[K, d]``.
-    ok: optional ``bool[K]``, the usable rows; default: the rows without
-      inf/nan.
+    ok: optional ``bool[K]``, the usable rows (rows outside it may hold
+      anything); default: the rows without inf/nan.
 
   Returns:
     The chosen row (zeros when no row is usable).
@@ -124,23 +127,21 @@ def medoid(updates: Array, ok: Optional[Array] = None) -> Array:
   k = updates.shape[0]
   if ok is None:
     ok = _common.finite_rows(updates)
-  x = _common.zero_rows(updates, ok)
   if k == 1:
-    return x[0]
-  norm = jnp.where(ok, _common.safe_norm(x, axis=1), jnp.inf)
+    return jnp.where(ok[0], updates[0], 0.0)
+  # (XLA:CPU's max-reduction skips NaN: the mask decides, not the maximum.)
+  size = jnp.where(ok, jnp.max(jnp.abs(updates), axis=1), jnp.inf)
   n_ok = jnp.sum(ok, dtype=jnp.int32)
-  median_norm = jnp.sort(norm)[jnp.maximum(n_ok - 1, 0) // 2]
-  cand = ok & (norm <= 2.0 * median_norm)
-  xs = _common.zero_rows(x, cand)
-  xs = _common.divide(xs, jnp.max(jnp.abs(xs)))
-  g = _common.gram(xs, xs)
+  cand = ok & (size <= 2.0 * jnp.sort(size)[jnp.maximum(n_ok - 1, 0) // 2])
+  g = _common.gram(updates, updates)
   sq = jnp.diag(g)
   d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
   pair = cand[:, None] & cand[None, :] & ~jnp.eye(k, dtype=bool)
   others = jnp.sort(jnp.where(pair, d2, jnp.inf), axis=1)
   n_cand = jnp.sum(cand, dtype=jnp.int32)
   typical = jnp.take(others, jnp.maximum(n_cand - 2, 0) // 2, axis=1)
-  return x[jnp.argmin(jnp.where(cand, typical, jnp.inf))]
+  r = jnp.argmin(jnp.where(cand, typical, jnp.inf))
+  return jnp.where(cand[r], updates[r], 0.0)
 
 
 def _around_medoid(updates: Array) -> tuple[Array, Array]:
