@@ -193,16 +193,15 @@ def closest_to_median_mean(x: Array, beta: int,
   for r, row in enumerate(rows):
     term = jnp.where((r >= start) & (r < start + beta), row, 0.0)
     total = term if total is None else total + term
-  mean = _order_stats.materialize(total / beta)
   if malicious is None:
-    return mean, None
+    return _order_stats.materialize(total / beta), None
   span = theta - beta  # = 2f windows to either side
-  lo = _order_stats.materialize(
-      _order_stats._pick(rows, start, tuple(range(span + 1))))
-  hi = _order_stats.materialize(
-      _order_stats._pick(rows, start + beta - 1, tuple(range(beta - 1, theta))))
-  esc = _escape.trimmed(x, lo, hi, start, span - start, malicious)
-  return mean, esc
+  lo = _order_stats._pick(rows, start, tuple(range(span + 1)))
+  hi = _order_stats._pick(rows, start + beta - 1, tuple(range(beta - 1, theta)))
+  kept, den = _escape.trimmed_parts(x, lo, hi, start, span - start, malicious)
+  # One fusion, one copy of the network for the mean and the escape count
+  # (see _escape.value_and_ratio).
+  return _escape.value_and_ratio(total / beta, kept, den)
 
 
 @register("bulyan")
