@@ -26,7 +26,8 @@ the K rows) until 2026-12: at K = 100 its network is one fusion of about 1900
 HLO lines, which took about 2 s of the 4-5 s that Krum, Multi-Krum and the
 Bulyans compiled for on the loaded 2-core machine (compile time grows
 faster than the fusion), although the branch runs only under attack. The
-medoid costs one Gram matrix and compiles in a fraction of that. Any centre near the honest rows gives the same
+medoid costs one Gram matrix (about the network's run time) and compiles
+in a fraction of that. Any centre near the honest rows gives the same
 distances up to f32 rounding (they are translation invariant): on the
 fallback path Krum scores moved by at most 4e-7 relative and no selection
 changed in the tests and benchmarks; the mean path is unchanged.
