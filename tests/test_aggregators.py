@@ -163,7 +163,7 @@ def test_krum_distances_survive_a_large_common_offset():
 @pytest.mark.parametrize("tol", [0.0, 1e-2, math.inf])
 def test_krum_distances_on_both_centring_paths(tol, monkeypatch):
   # TOL = 0 keeps the mean-centred Gram matrix whenever the rows are finite,
-  # inf always recomputes around the coordinate-wise median.
+  # inf always recomputes around a medoid (a central row; _distances.medoid).
   from fedjax_sparse.aggregators import _distances
   monkeypatch.setattr(_distances, "TOL", tol)
   # A fresh function: jit caches traces per function, and TOL is read when
