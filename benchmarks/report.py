@@ -178,10 +178,25 @@ def sweep_startup(r: dict) -> str:
       f"{'met' if r['summary']['warm_later_cells_within_2s'] else 'not met'}."])
 
 
+def compile_time(r: dict) -> str:
+  sm = r["summary"]
+  la = r.get("load_average_at_start", [float("nan")])[0]
+  totals = ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+      sm["total_s_at_K100"].items(), key=lambda kv: -kv[1]))
+  return (f"Compile plus first call of every rule (`benchmarks/compile_time.py`, "
+          f"{r['cpu_count']} cores, load average {la:.1f} at the start, JAX "
+          f"{r['jax_version']}; d = 270,000, a fresh jit each, no persistent "
+          f"cache; `+escape`: with the malicious flags, as the round step "
+          f"compiles it): target {sm['target']}: "
+          f"{'met by every rule' if sm['all_met'] else 'not met by ' + ', '.join(sm['failing'])}. "
+          f"Seconds at K = 100, slowest first: {totals}.")
+
+
 SECTIONS = {"round_throughput.json": round_throughput,
             "sparsify.json": sparsify, "attacks.json": attacks,
             "aggregators.json": aggregators, "scale.json": scale,
-            "peer_round.json": peer_round, "sweep_startup.json": sweep_startup}
+            "peer_round.json": peer_round, "sweep_startup.json": sweep_startup,
+            "compile_time.json": compile_time}
 
 
 def main():
