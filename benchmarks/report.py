@@ -85,9 +85,19 @@ def attacks(r: dict) -> str:
 
 
 def aggregators(r: dict) -> str:
-  return (f"Aggregators (`benchmarks/aggregators.py`, {r['cpu_count']} cores, load "
-          f"average {r['load_average_at_end'][0]:.1f}): {r['notes']}\n\n"
-          + r["table_markdown"].strip())
+  la0 = r.get("load_average_at_start")
+  load = (f"load average {la0[0]:.1f} at the start, "
+          f"{r['load_average_at_end'][0]:.1f} at the end" if la0 else
+          f"load average {r['load_average_at_end'][0]:.1f}")
+  out = (f"Aggregators (`benchmarks/aggregators.py`, {r['cpu_count']} cores, "
+         f"{load}): {r['notes']}\n\n" + r["table_markdown"].strip())
+  sm = r.get("summary", {})
+  if "below_1x_vs_numpy" in sm:
+    out += (f"\n\nBelow 1.0x against numpy: {len(sm['below_1x_vs_numpy'])} of "
+            f"{len(r['records']) - sum(1 for x in r['records'] if x.get('section') != 'rules')} cells"
+            f" ({', '.join(sorted({c.split('@')[0] for c in sm['below_1x_vs_numpy']}))}); "
+            f"against ByzFL: {len(sm['below_1x_vs_byzfl'])}.")
+  return out
 
 
 def scale(r: dict) -> str:
