@@ -188,3 +188,34 @@ def top_eigenvalue(d2z: Array, members: Array) -> Array:
   a = jnp.where(both, 0.5 * (a + jnp.swapaxes(a, -1, -2)), 0.0)
   lam = jnp.maximum(jnp.linalg.eigvalsh(a)[..., -1], 0.0)
   return lam / jnp.where(total[..., 0] > 0, total[..., 0], 1.0)
+
+
+def selection_rule(name: str, select, f, max_subsets: int, score_name: str,
+                   score_fn=lambda v: v):
+  """The ``apply`` of a rule that averages the ``K - f`` rows ``select``
+  chooses (MDA, SMEA): ``select(d2, ok, m, max_subsets) -> (bool/float [K]
+  selection, score, exact)``; the selected usable rows are combined with the
+  shared aggregation, and the diagnostics hold ``score_fn(score)`` under
+  ``score_name``, ``exact`` and, with ``ctx.extra["malicious"]``, the escape
+  ratio."""
+  from fedjax_sparse.aggregators import _common, _distances, _escape
+  from fedjax_sparse.aggregators.base import AggOut, stateless
+  check_max_subsets(max_subsets, name)
+
+  def apply(updates, masks, weights, key, ctx):
+    del key
+    k = updates.shape[0]
+    f_ = _common.resolve_f(f, ctx)
+    check_majority(k, f_, name)
+    d2, ok = _distances.pairwise_sq_dists(updates)
+    sel, score, is_exact = select(d2, ok, k - f_, max_subsets)
+    acceptance = sel * ok.astype(sel.dtype)
+    update = _distances.combine_selected(updates, masks, weights, acceptance,
+                                         ctx.pack_size, ctx.finite_uploads)
+    diagnostics = {score_name: score_fn(score), "exact": jnp.bool_(is_exact)}
+    if "malicious" in ctx.extra:
+      diagnostics["escape_ratio"] = _escape.selection(acceptance,
+                                                      ctx.extra["malicious"])
+    return AggOut(update, acceptance, diagnostics)
+
+  return stateless(apply)

@@ -48,8 +48,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _distances, _escape, _subsets
-from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
+from fedjax_sparse.aggregators import _subsets
+from fedjax_sparse.aggregators.base import Aggregator
 from fedjax_sparse.aggregators.registry import register
 
 MAX_SUBSETS = 5000
@@ -105,22 +105,4 @@ def smea(f: Optional[int] = None, max_subsets: int = MAX_SUBSETS) -> Aggregator:
   Returns:
     A stateless :class:`Aggregator` (a selection rule).
   """
-  _subsets.check_max_subsets(max_subsets, "smea")
-
-  def apply(updates, masks, weights, key, ctx):
-    del key
-    k = updates.shape[0]
-    f_ = _common.resolve_f(f, ctx)
-    _subsets.check_majority(k, f_, "smea")
-    d2, ok = _distances.pairwise_sq_dists(updates)
-    sel, lam, is_exact = select(d2, ok, k - f_, max_subsets)
-    acceptance = sel * ok.astype(sel.dtype)
-    update = _distances.combine_selected(updates, masks, weights, acceptance,
-                                         ctx.pack_size, ctx.finite_uploads)
-    diagnostics = {"lambda_max": lam, "exact": jnp.bool_(is_exact)}
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
-    return AggOut(update, acceptance, diagnostics)
-
-  return stateless(apply)
+  return _subsets.selection_rule("smea", select, f, max_subsets, "lambda_max")
