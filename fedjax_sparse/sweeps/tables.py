@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from fedjax_sparse.aggregators.registry import ALIASES as AGGREGATOR_ALIASES
 from fedjax_sparse.attacks.registry import ALIASES as ATTACK_ALIASES
@@ -51,14 +51,29 @@ _ARGS_FIELDS = ("aggregator_args", "attack_args")
 _NOT_DEFENCE_FIELDS = ("aggregator", "aggregator_args")
 
 
+def _entries(text: str, flag: str, form: str) -> Iterator[tuple[str, str]]:
+  """``'name:rest;name:rest'`` -> ``(name, rest)`` pairs, both stripped.
+
+  Args:
+    text: the ``--flag`` value.
+    flag: the flag's name, for the message.
+    form: what follows ``name:`` in an entry, for the message.
+
+  Raises:
+    ValueError: an entry without ``':'``.
+  """
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    if ":" not in item:
+      raise ValueError(f"bad --{flag} entry {item!r}: write "
+                       f"'name:{form}' entries separated by ';'")
+    name, rest = (t.strip() for t in item.split(":", 1))
+    yield name, rest
+
+
 def parse_args_by_name(text: str, what: str) -> dict[str, str]:
   """``'ipm:eps=0.4;label_flip:mapping=circular'`` -> ``{name: args}``."""
   out = {}
-  for item in filter(None, (t.strip() for t in text.split(";"))):
-    if ":" not in item:
-      raise ValueError(f"bad --{what}_args_by_name entry {item!r}: write "
-                       f"'name:k=v,k=v' entries separated by ';'")
-    name, args = (t.strip() for t in item.split(":", 1))
+  for name, args in _entries(text, f"{what}_args_by_name", "k=v,k=v"):
     parse_kwargs(args, f"{what}_args of {name}")
     out[name] = args
   return out
@@ -68,15 +83,8 @@ def parse_fields_by_name(text: str) -> dict[str, str]:
   """``'sparsefed:server_optimizer=sgd;fedavg:server_momentum=0.9'`` ->
   ``{name: fields}`` (the fields stay text; :func:`make_cells` checks them
   with :func:`defence_fields`)."""
-  out = {}
-  for item in filter(None, (t.strip() for t in text.split(";"))):
-    if ":" not in item:
-      raise ValueError(f"bad --aggregator_fields_by_name entry {item!r}: write "
-                       "'name:field=value,field=value' entries separated by "
-                       "';'")
-    name, fields = (t.strip() for t in item.split(":", 1))
-    out[name] = fields
-  return out
+  return dict(_entries(text, "aggregator_fields_by_name",
+                       "field=value,field=value"))
 
 
 def defence_fields(name: str, fields: Any) -> dict[str, Any]:
@@ -92,24 +100,55 @@ def defence_fields(name: str, fields: Any) -> dict[str, Any]:
       of the grid, ``aggregator``/``aggregator_args``, a field set twice or
       a value of the wrong type.
   """
-  pairs = (_split_preset_fields(fields) if isinstance(fields, str)
-           else list(dict(fields).items()))
-  known = _config_fields()
-  valid = [f for f in known
+  valid = [f for f in _config_fields()
            if f not in _GRID_FIELDS and f not in _NOT_DEFENCE_FIELDS]
-  where = f"--aggregator_fields_by_name entry {name!r}"
+  return _typed_fields(
+      _field_pairs(fields), f"--aggregator_fields_by_name entry {name!r}",
+      valid, refused=_NOT_DEFENCE_FIELDS,
+      refusal=("set the rule's arguments with --aggregator_args_by_name, "
+               "another rule with --presets"))
+
+
+def _field_pairs(fields: Any) -> list[tuple[str, Any]]:
+  """``{field: value}`` or ``'field=value,...'`` text as (field, value)."""
+  return (_split_preset_fields(fields) if isinstance(fields, str)
+          else list(dict(fields).items()))
+
+
+def _typed_fields(pairs: list[tuple[str, Any]], where: str,
+                  valid: Sequence[str], hint: str = "",
+                  refused: Sequence[str] = (),
+                  refusal: str = "") -> dict[str, Any]:
+  """Configuration fields checked and typed (:func:`defence_fields`,
+  :func:`preset_fields`).
+
+  Args:
+    pairs: (field, value) pairs, values as text or Python values.
+    where: what sets them, for messages (``"preset 'p'"``).
+    valid: the fields it may set, listed when it sets another.
+    hint: text after that list.
+    refused: fields of :class:`ExperimentConfig` it may not set besides the
+      grid's axes.
+    refusal: what to do instead of setting one of ``refused``.
+
+  Returns:
+    ``{field: value}`` with the values of the fields' types.
+
+  Raises:
+    ValueError: an unknown field, an axis of the grid, a refused field, a
+      field set twice or a value of the wrong type.
+  """
+  known = _config_fields()
+  listed = f"valid fields: {', '.join(valid)}{hint}"
   out = {}
   for key, value in pairs:
     if key not in known:
-      raise ValueError(f"{where}: unknown field {key!r}; valid fields: "
-                       f"{', '.join(valid)}")
+      raise ValueError(f"{where}: unknown field {key!r}; {listed}")
     if key in _GRID_FIELDS:
       raise ValueError(f"{where} sets {key!r}, an axis of the grid (set it "
-                       "with the grid flags)")
-    if key in _NOT_DEFENCE_FIELDS:
-      raise ValueError(f"{where} sets {key!r}: set the rule's arguments with "
-                       "--aggregator_args_by_name, another rule with "
-                       "--presets")
+                       f"with the grid flags); {listed}")
+    if key in refused:
+      raise ValueError(f"{where} sets {key!r}: {refusal}")
     if key in out:
       raise ValueError(f"{where} sets {key!r} twice")
     out[key] = _coerce(value, field_default(key),
@@ -220,26 +259,12 @@ def preset_fields(name: str, fields: Any) -> dict[str, Any]:
   if name in aggregators_lib.names() or name in AGGREGATOR_ALIASES:
     raise ValueError(f"preset {name!r} has an aggregator's name: choose "
                      "another name")
-  pairs = (_split_preset_fields(fields) if isinstance(fields, str)
-           else list(dict(fields).items()))
-  known = _config_fields()
-  valid = [f for f in known if f not in _GRID_FIELDS]
+  pairs = _field_pairs(fields)
+  valid = [f for f in _config_fields() if f not in _GRID_FIELDS]
   has_args = any(k in _ARGS_FIELDS for k, _ in pairs)
   hint = ("; quote an aggregator_args value that holds it: "
           "aggregator_args='k=1,seed=0'" if has_args else "")
-  out = {}
-  for key, value in pairs:
-    if key not in known:
-      raise ValueError(f"preset {name!r}: unknown field {key!r}; valid "
-                       f"fields: {', '.join(valid)}{hint}")
-    if key in _GRID_FIELDS:
-      raise ValueError(f"preset {name!r} sets {key!r}, an axis of the grid "
-                       "(set it with the grid flags); valid fields: "
-                       f"{', '.join(valid)}{hint}")
-    if key in out:
-      raise ValueError(f"preset {name!r} sets {key!r} twice")
-    out[key] = _coerce(value, field_default(key),
-                       f"field {key!r} of preset {name!r}")
+  out = _typed_fields(pairs, f"preset {name!r}", valid, hint)
   rule = canonical(str(out.get("aggregator", "fedavg")), AGGREGATOR_ALIASES)
   if rule not in aggregators_lib.names():
     raise ValueError(f"preset {name!r} names an unknown aggregator {rule!r}; "
@@ -257,15 +282,8 @@ def parse_presets(text: str) -> dict[str, str]:
   The fields stay text; :func:`make_cells` checks them
   (:func:`preset_fields`).
   """
-  out = {}
-  for item in filter(None, (t.strip() for t in text.split(";"))):
-    if ":" not in item:
-      raise ValueError(f"bad --presets entry {item!r}: write "
-                       "'name:field=value,field=value' entries separated by "
-                       "';'")
-    name, fields = (t.strip() for t in item.split(":", 1))
-    out[name.lower()] = fields
-  return out
+  return {name.lower(): fields for name, fields in
+          _entries(text, "presets", "field=value,field=value")}
 
 
 def resolve_presets(presets: Optional[dict] = None) -> dict[str, dict]:
@@ -276,29 +294,27 @@ def resolve_presets(presets: Optional[dict] = None) -> dict[str, dict]:
   return {name: preset_fields(name, fields) for name, fields in table.items()}
 
 
-def floats(values: Sequence[str], flag: str) -> list[float]:
-  """``--flag``'s comma-separated values as numbers (ValueError naming the
-  flag otherwise)."""
+def _numbers(values: Sequence[str], flag: str, kind: type,
+             noun: str) -> list:
   out = []
   for v in values:
     try:
-      out.append(float(v))
+      out.append(kind(v))
     except ValueError:
-      raise ValueError(f"--{flag} takes numbers separated by commas, got "
+      raise ValueError(f"--{flag} takes {noun} separated by commas, got "
                        f"{v!r}") from None
   return out
+
+
+def floats(values: Sequence[str], flag: str) -> list[float]:
+  """``--flag``'s comma-separated values as numbers (ValueError naming the
+  flag otherwise)."""
+  return _numbers(values, flag, float, "numbers")
 
 
 def ints(values: Sequence[str], flag: str) -> list[int]:
   """``--flag``'s comma-separated values as integers."""
-  out = []
-  for v in values:
-    try:
-      out.append(int(v))
-    except ValueError:
-      raise ValueError(f"--{flag} takes integers separated by commas, got "
-                       f"{v!r}") from None
-  return out
+  return _numbers(values, flag, int, "integers")
 
 
 def canonical(name: str, aliases: dict) -> str:
