@@ -24,17 +24,7 @@ def plot_accuracy_curves(runs: dict[str, list[dict]], path: str,
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  curves = {name: tuple((r["round"], r["accuracy"]) for r in records
-                        if "accuracy" in r) for name, records in runs.items()}
-  labels = _curve_labels(curves)
-  for i, (name, pts) in enumerate(curves.items()):
-    if pts:
-      xs, ys = zip(*pts)
-      ax.plot(xs, ys, label=labels[name], **_style(i))
-  if attack_start is not None:
-    ax.axvline(attack_start, color="red", linestyle="--", linewidth=1,
-               label=f"attack starts (round {attack_start})")
-  ax.set_xlabel("round")
+  _draw_curves(ax, runs, "accuracy", attack_start)
   ax.set_ylabel("test accuracy")
   ax.set_title(title)
   ax.grid(alpha=0.3)
@@ -67,6 +57,27 @@ def _curve_labels(curves: dict[str, tuple]) -> dict[str, str]:
     labels[name] = f"{name} (= {same})" if same is not None and pts else name
     seen.setdefault(pts, name)
   return labels
+
+
+def _draw_curves(ax, runs: dict[str, list[dict]], key: str,
+                 attack_start: Optional[int]) -> None:
+  """Draws ``key`` against round for each run on ``ax``, the attack's start
+  as a vertical line, and labels the x axis.
+
+  Records without ``key`` (or with ``None``) are skipped.
+  """
+  curves = {name: tuple((r["round"], r[key]) for r in records
+                        if r.get(key) is not None)
+            for name, records in runs.items()}
+  labels = _curve_labels(curves)
+  for i, (name, pts) in enumerate(curves.items()):
+    if pts:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, label=labels[name], **_style(i))
+  if attack_start is not None:
+    ax.axvline(attack_start, color="red", linestyle="--", linewidth=1,
+               label=f"attack starts (round {attack_start})")
+  ax.set_xlabel("round")
 
 
 _LABELS = {"accuracy": "test accuracy", "asr": "attack success rate",
@@ -111,18 +122,7 @@ def plot_metric_curves(runs: dict[str, list[dict]], path: str,
   fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2),
                            dpi=110, squeeze=False)
   for ax, key in zip(axes[0], keys):
-    curves = {name: tuple((r["round"], r[key]) for r in records
-                          if r.get(key) is not None)
-              for name, records in runs.items()}
-    labels = _curve_labels(curves)
-    for i, (name, pts) in enumerate(curves.items()):
-      if pts:
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, label=labels[name], **_style(i))
-    if attack_start is not None:
-      ax.axvline(attack_start, color="red", linestyle="--", linewidth=1,
-                 label=f"attack starts (round {attack_start})")
-    ax.set_xlabel("round")
+    _draw_curves(ax, runs, key, attack_start)
     ax.set_ylabel(_LABELS.get(key, key))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7)
