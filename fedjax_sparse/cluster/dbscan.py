@@ -27,10 +27,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fedjax_sparse.cluster._points import checked_points
 
 Array = jax.Array
 
@@ -50,12 +51,7 @@ def dbscan(dist: Array, eps, min_samples, valid: Optional[Array] = None) -> Arra
   Returns:
     ``int32[n]`` cluster labels ``0..n_clusters-1``, ``-1`` for noise.
   """
-  chex.assert_rank(dist, 2)
-  n = dist.shape[0]
-  chex.assert_shape(dist, (n, n))
-  if valid is None:
-    valid = jnp.ones((n,), bool)
-  chex.assert_shape(valid, (n,))
+  n, valid = checked_points(dist, valid)
   idx = jnp.arange(n, dtype=jnp.int32)
   pair_valid = valid[:, None] & valid[None, :]
   # `dist <= eps` is False for NaN; the diagonal counts whatever it holds.

@@ -59,10 +59,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fedjax_sparse.cluster._points import checked_points
 
 Array = jax.Array
 
@@ -92,12 +93,7 @@ def hdbscan(dist: Array, min_cluster_size, min_samples=None,
     ``int32[n]`` labels ``0..n_clusters-1`` (in the order of each cluster's
     smallest point index), ``-1`` for noise.
   """
-  chex.assert_rank(dist, 2)
-  n = dist.shape[0]
-  chex.assert_shape(dist, (n, n))
-  if valid is None:
-    valid = jnp.ones((n,), bool)
-  chex.assert_shape(valid, (n,))
+  n, valid = checked_points(dist, valid)
   if n == 1:  # scikit-learn refuses one point; the padded case agrees
     return jnp.where(valid & allow_single_cluster, 0, -1).astype(jnp.int32)
   if min_samples is None:
