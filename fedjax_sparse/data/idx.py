@@ -232,8 +232,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None,
                standardize: bool = True) -> tuple[ArrayDataset, ArrayDataset]:
   """MNIST (LeCun et al., 1998) from its IDX files.
 
-  Same layout and preprocessing as :func:`load_fashion_mnist` (train mean
-  about 0.131, standard deviation about 0.308).
+  Same layout, preprocessing, sizes and errors as
+  :func:`load_fashion_mnist` (train mean about 0.131, standard deviation
+  about 0.308).
 
   Args:
     data_dir: folder holding the four IDX files; defaults to
@@ -241,10 +242,6 @@ def load_mnist(data_dir: str | os.PathLike | None = None,
     standardize: if False, pixels are only scaled to ``[0, 1]``.
 
   Returns:
-    ``(train, test)`` with 60000 and 10000 examples and 10 classes.
-
-  Raises:
-    DatasetNotFoundError: a file is missing.
-    IDXFormatError: a file is malformed.
+    ``(train, test)``, as :func:`load_fashion_mnist` returns them.
   """
   return _load_idx_dataset("mnist", data_dir or DEFAULT_MNIST_DIR, standardize)

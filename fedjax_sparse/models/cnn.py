@@ -16,6 +16,30 @@ import jax
 from fedjax_sparse.models import layers
 
 
+def _conv_pool_flatten(x: jax.Array, widths: Sequence[int],
+                       conv_impl: str) -> jax.Array:
+  """Per width: conv 5x5 VALID -> max pool 2x2 -> ReLU; then flatten.
+
+  Called inside a model's ``nn.compact`` ``__call__``: the convolutions are
+  that model's submodules, named ``Conv_0``, ``Conv_1``, ... as if written
+  there.
+
+  Args:
+    x: ``[N, H, W, C]`` images.
+    widths: the convolutions' output channels, in order.
+    conv_impl: ``'auto'``, ``'im2col'`` or ``'lax'``.
+
+  Returns:
+    ``[N, features]``.
+  """
+  for width in widths:
+    # max_pool(relu(z)) == relu(max_pool(z)); pooling first applies ReLU to
+    # a quarter of the values.
+    x = nn.relu(layers.max_pool(
+        layers.Conv(width, 5, padding="VALID", impl=conv_impl)(x), 2))
+  return x.reshape((x.shape[0], -1))
+
+
 class CNN2(nn.Module):
   """The 2-layer CNN that HSA trains on F-MNIST.
 
@@ -59,13 +83,7 @@ class CNN2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps ``[N, H, W, C]`` images to ``[N, num_classes]`` logits."""
     c1, c2, fc = self.features
-    # max_pool(relu(z)) == relu(max_pool(z)); pooling first applies ReLU to
-    # a quarter of the values.
-    x = nn.relu(layers.max_pool(
-        layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x), 2))
-    x = nn.relu(layers.max_pool(
-        layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x), 2))
-    x = x.reshape((x.shape[0], -1))
+    x = _conv_pool_flatten(x, (c1, c2), self.conv_impl)
     x = nn.relu(nn.Dense(fc)(x))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -101,13 +119,7 @@ class LeNet5(nn.Module):
     """Maps ``[N, H, W, C]`` images to ``[N, num_classes]`` logits."""
     del train  # No dropout or normalisation.
     c1, c2, d1, d2 = self.features
-    # max_pool(relu(z)) == relu(max_pool(z)); pooling first applies ReLU to
-    # a quarter of the values.
-    x = nn.relu(layers.max_pool(
-        layers.Conv(c1, 5, padding="VALID", impl=self.conv_impl)(x), 2))
-    x = nn.relu(layers.max_pool(
-        layers.Conv(c2, 5, padding="VALID", impl=self.conv_impl)(x), 2))
-    x = x.reshape((x.shape[0], -1))
+    x = _conv_pool_flatten(x, (c1, c2), self.conv_impl)
     x = nn.relu(nn.Dense(d1)(x))
     x = nn.relu(nn.Dense(d2)(x))
     return nn.Dense(self.num_classes)(x)

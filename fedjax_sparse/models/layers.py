@@ -288,15 +288,7 @@ def avg_pool(x: Array, window: int | Sequence[int] = 2,
              padding: str = "VALID") -> Array:
   """Average pooling over the H, W axes of ``[..., H, W, C]``.
 
-  See :func:`max_pool` for when the reshape form is used.
-
-  Args:
-    x: ``[..., H, W, C]``.
-    window: ``int`` or ``(wh, ww)``.
-    strides: ``int`` or ``(sh, sw)``; defaults to ``window``.
-    padding: ``'VALID'`` or ``'SAME'``.
-
-  Returns:
-    The pooled array.
+  The arguments, the output shape and when the reshape form is used are
+  those of :func:`max_pool`.
   """
   return _pool(x, window, strides, padding, "avg")
