@@ -24,25 +24,14 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """The FLARE sweep (see the module docstring)."""
   config = ml_collections.ConfigDict()
+  # One line a topic: data, clients, local training, model and uploads,
+  # attack and evaluation.
   config.base = ml_collections.ConfigDict(dict(
-      dataset="fashion_mnist",
-      max_train=0,
-      partition="dirichlet",
-      alpha=1.0,
-      num_clients=20,
-      clients_per_round=20,
-      rounds=30,
-      local_epochs=1,
-      batch_size=64,
-      optimizer="adam",
-      lr=0.005,
-      model="mlp",
-      sparsify="topk",
-      topk_ratio=0.5,
-      pack_size=1,
-      attack_start=10,
-      malicious_mode="first",
-      eval_every=2,
+      dataset="fashion_mnist", max_train=0, partition="dirichlet", alpha=1.0,
+      num_clients=20, clients_per_round=20, rounds=30,
+      local_epochs=1, batch_size=64, optimizer="adam", lr=0.005,
+      model="mlp", sparsify="topk", topk_ratio=0.5, pack_size=1,
+      attack_start=10, malicious_mode="first", eval_every=2,
   ))
   config.attacks = ("none", "label_flip", "gna", "ipm", "scaling",
                     "boosted_update", "copy_boost")

@@ -40,25 +40,15 @@ def _force_plus() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   """The hybrid paper's F-MNIST CNN sweep (see the module docstring)."""
   config = ml_collections.ConfigDict()
+  # One line a topic: data, clients, local training, learning rates, model
+  # and attack, evaluation.
   config.base = ml_collections.ConfigDict(dict(
-      dataset="fashion_mnist",
-      partition="dirichlet",
-      alpha=1.0,
-      num_clients=25,
-      clients_per_round=25,
-      rounds=7500,
-      local_steps=1,
-      batch_size=32,
-      update_mode="momentum",
-      momentum=0.9,
-      lr=0.1,
-      server_lr=0.1,
-      lr_decay_at=0.75,
-      lr_decay_factor=0.1,
-      model="cnn2",
-      attack_start=1,
-      eval_every=250,
-      checkpoint_every=50,
+      dataset="fashion_mnist", partition="dirichlet", alpha=1.0,
+      num_clients=25, clients_per_round=25, rounds=7500,
+      local_steps=1, batch_size=32, update_mode="momentum", momentum=0.9,
+      lr=0.1, server_lr=0.1, lr_decay_at=0.75, lr_decay_factor=0.1,
+      model="cnn2", attack_start=1,
+      eval_every=250, checkpoint_every=50,
   ))
   config.attacks = ("hsa", "none")
   config.aggregators = ("multi_krum", "median", "trimmed_mean",
