@@ -64,3 +64,24 @@ def test_missing_keys_are_added_and_saved_ones_kept():
                                  "aux_source=train,steps=9") == (
       "aux_size=500,steps=5,aux_source=train")
   assert reproduce._with_missing("a=1", None) == "a=1"
+
+
+def test_shortened_keeps_the_attack_and_the_decay_round():
+  cfg = dataclasses.replace(SMALL, rounds=100, attack="label_flip",
+                            malicious_fraction=0.25, attack_start=10,
+                            lr_decay_at=0.75)
+  short = reproduce.shortened(cfg, 3)
+  assert short.rounds == 10  # up to the attack's first round
+  assert short.lr_decay_round == 10  # past the compared rounds: no decay
+  clean = dataclasses.replace(cfg, attack="none", malicious_fraction=0.0)
+  assert reproduce.shortened(clean, 3).rounds == 3
+  with pytest.raises(ValueError, match="decay at round 75"):
+    reproduce.shortened(cfg, 80)
+  assert reproduce.shortened(cfg, 200) == cfg
+
+
+def test_cpu_devices_from_the_environment(monkeypatch):
+  from fedjax_sparse.simulation import devices
+  monkeypatch.setenv("FEDJAX_SPARSE_CPU_DEVICES", "zero")
+  with pytest.raises(ValueError, match="FEDJAX_SPARSE_CPU_DEVICES"):
+    devices.use_cpu_devices()

@@ -23,9 +23,20 @@ def use_cpu_devices(n: Optional[int] = None) -> int:
   backends are already initialised, the existing devices are kept and a
   warning says so.
 
+  The environment variable ``FEDJAX_SPARSE_CPU_DEVICES`` overrides the
+  default (e.g. ``1`` to rerun a cell made on one device: the per-device
+  sums of the round metrics make a run bit for bit reproducible on the same
+  number of devices, which ``summary.json`` records as ``devices``).
+
   Returns:
     The number of CPU devices JAX will use.
   """
+  env = os.environ.get("FEDJAX_SPARSE_CPU_DEVICES", "")
+  if n is None and env:
+    if not env.isdigit() or int(env) < 1:
+      raise ValueError(f"FEDJAX_SPARSE_CPU_DEVICES must be an integer >= 1, "
+                       f"got {env!r}")
+    n = int(env)
   n = n or os.cpu_count() or 1
   try:
     jax.config.update("jax_num_cpu_devices", int(n))

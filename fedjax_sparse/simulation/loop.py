@@ -154,6 +154,9 @@ def run_loop(runner, progress: bool = False, on_round=None,
     recs, ev = records[i], last_eval[i]
     summary = run_summary(c, recs, ev, compile_s, wall, runner.num_params)
     summary["startup_seconds"] = startup_s
+    # The loss and accuracy means are summed per device: a rerun matches
+    # bit for bit on the same number of devices.
+    summary["devices"] = jax.device_count()
     for k in runner.final_eval_keys:
       summary[f"final_{k}"] = ev.get(k) if ev else None
     if cfg.twin:
