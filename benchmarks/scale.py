@@ -39,26 +39,16 @@ if __name__ == "__main__":  # before JAX: see fedjax_sparse/hugepages.py
   restart_with_huge_pages()
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
-N_TRAIN = 60_000
-K = 100
-LOCAL_STEPS = 2
-BATCH = 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _rss_mb() -> float:
-  """Peak resident set size of this process so far (Linux: kB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from benchmarks._scale import (BATCH, K, LOCAL_STEPS, N_TRAIN,
+                               experiment_config, federated_data, machine,
+                               rss_mb, run_child)
+from benchmarks.scale_seeds import (child_seeds, print_seeds, seed_targets,
+                                    seeds_only, seeds_section)
 
 
 def topk_sample_clients(key, num_clients: int, k: int):
@@ -91,34 +81,6 @@ def _use_topk_sampler():
   jax.random.choice = choice
 
 
-def _federated_data(num_clients: int, seed: int = 0):
-  import numpy as np
-  from fedjax_sparse import data as data_lib
-  import importlib
-  partition_lib = importlib.import_module("fedjax_sparse.data.partition")
-  train, test = data_lib.synthetic(num_train=N_TRAIN, num_test=1000,
-                                   input_shape=(28, 28, 1), seed=seed)
-  t0 = time.perf_counter()
-  ci = partition_lib.one_class(train.y, num_clients, seed=seed,
-                               allow_empty=num_clients > N_TRAIN)
-  part_s = time.perf_counter() - t0
-  fd = data_lib.FederatedData(
-      x_train=train.x, y_train=train.y, clients=ci, x_test=test.x,
-      y_test=test.y, x_val=train.x[:0], y_val=train.y[:0],
-      num_classes=train.num_classes, name="synthetic")
-  return fd, part_s
-
-
-def _config(num_clients, k=K, client_devices=1, rounds=10,
-            local_steps=LOCAL_STEPS):
-  from fedjax_sparse.simulation.experiment import ExperimentConfig
-  return ExperimentConfig(
-      dataset="synthetic", num_clients=num_clients, clients_per_round=k,
-      rounds=rounds, local_steps=local_steps, batch_size=BATCH, lr=0.05,
-      engine="map", map_batch_size=10, client_devices=client_devices,
-      eval_every=10**6)
-
-
 def _time_rounds(step, state, data, rounds):
   import jax
   ts = []
@@ -137,23 +99,23 @@ def child_population(num_clients, rounds, client_devices, sampler,
     _use_topk_sampler()
   import jax
   from fedjax_sparse.simulation.experiment import Experiment
-  rss = {"start": _rss_mb()}
-  fd, part_s = _federated_data(num_clients)
-  rss["data"] = _rss_mb()
-  cfg = _config(num_clients, client_devices=client_devices, rounds=rounds,
-                local_steps=local_steps)
+  rss = {"start": rss_mb()}
+  fd, part_s = federated_data(num_clients)
+  rss["data"] = rss_mb()
+  cfg = experiment_config(num_clients, client_devices=client_devices,
+                          rounds=rounds, local_steps=local_steps)
   exp = Experiment(cfg, fd=fd)
   state = exp.init_state()
   t0 = time.perf_counter()
   step = exp.round_step.lower(state, exp.data).compile()
   compile_s = time.perf_counter() - t0
-  rss["compiled"] = _rss_mb()
+  rss["compiled"] = rss_mb()
   mem = step.memory_analysis()
   xla_mb = {k: getattr(mem, f"{k}_size_in_bytes") / 2**20
             for k in ("argument", "output", "temp", "alias")}
   state, _ = _time_rounds(step, state, exp.data, 1)  # warm-up
   state, ts = _time_rounds(step, state, exp.data, rounds)
-  rss["peak"] = _rss_mb()
+  rss["peak"] = rss_mb()
   ci = fd.clients
   tables = (ci.idx.nbytes + ci.counts.nbytes + exp.data.malicious.nbytes
             + exp.data.rank.nbytes)
@@ -169,192 +131,6 @@ def child_population(num_clients, rounds, client_devices, sampler,
           "per_client_state_mb": per_client_state / 2**20,
           "compile_s": compile_s, "round_s": statistics.median(ts),
           "round_min_s": min(ts), "rss_mb": rss, "xla_mb": xla_mb}
-
-
-def child_seeds(num_clients, k, num_seeds, rounds, modes=("vmap", "map"),
-                separate_devices=(1,), sweep_rounds=0):
-  """S seeds batched in one step against S separate runs, one round each.
-
-  Every variant is compiled first; then each round times all of them in
-  turn (interleaved, so that load from other users of the machine falls on
-  each alike). ``separate_devices`` lists the client-axis splits tried for
-  the separate runs; the fastest is the baseline of the speedups.
-  """
-  import jax
-  from fedjax_sparse.simulation.experiment import Experiment
-  from fedjax_sparse.simulation.multi_seed import SeedBatch
-  fd, _ = _federated_data(num_clients)
-  seeds = list(range(num_seeds))
-  variants = {}
-  for d in separate_devices:
-    cfg = _config(num_clients, k=k, rounds=rounds, client_devices=d)
-    t0 = time.perf_counter()
-    steps, states, datas = [], [], []
-    for s in seeds:
-      exp = Experiment(dataclasses.replace(cfg, seed=s), fd=fd)
-      st = exp.init_state()
-      steps.append(exp.round_step.lower(st, exp.data).compile())
-      states.append(st)
-      datas.append(exp.data)
-    variants[f"separate@{d}"] = {"steps": steps, "states": states,
-                                 "datas": datas,
-                                 "compile_s": time.perf_counter() - t0}
-  cfg = _config(num_clients, k=k, rounds=rounds, client_devices=1)
-  for mode in modes:
-    t0 = time.perf_counter()
-    b = SeedBatch(cfg, seeds, fd, mode=mode)
-    st = b.init_state()
-    variants[mode] = {"steps": [b.round_step.lower(st, b.data).compile()],
-                      "states": [st], "datas": [b.data],
-                      "compile_s": time.perf_counter() - t0,
-                      "devices": 1 if b.mesh is None else b.mesh.size}
-
-  def one_round(v):
-    t0 = time.perf_counter()
-    for i, step in enumerate(v["steps"]):
-      v["states"][i], m = step(v["states"][i], v["datas"][i])
-    jax.block_until_ready(v["states"])
-    return time.perf_counter() - t0
-
-  times = {name: [] for name in variants}
-  for name, v in variants.items():  # warm-up
-    one_round(v)
-  for _ in range(rounds):
-    for name, v in variants.items():
-      times[name].append(one_round(v))
-  out = {"C": num_clients, "K": k, "seeds": num_seeds,
-         "devices": len(jax.devices())}
-  for name, v in variants.items():
-    out[name] = {"round_s": statistics.median(times[name]),
-                 "round_min_s": min(times[name]), "compile_s": v["compile_s"]}
-    if "devices" in v:
-      out[name]["devices"] = v["devices"]
-  names = list(variants)
-  del variants  # free the compiled steps and states before the sweep runs
-  sep = min((n for n in names if n.startswith("separate")),
-            key=lambda n: out[n]["round_s"])
-  out["separate"] = sep
-  out["separate_round_s"] = out[sep]["round_s"]
-  out["separate_round_min_s"] = out[sep]["round_min_s"]
-  out["separate_compile_s"] = out[sep]["compile_s"]
-  for mode in modes:
-    out[mode]["speedup"] = out["separate_round_s"] / out[mode]["round_s"]
-    out[mode]["speedup_min"] = (out["separate_round_min_s"]
-                                / out[mode]["round_min_s"])
-  if sweep_rounds:
-    out["sweep"] = _sweep_seconds(fd, num_clients, k, seeds, sweep_rounds,
-                                  int(sep.split("@")[1]), modes)
-  return out
-
-
-def _sweep_seconds(fd, num_clients, k, seeds, rounds, sep_devices, modes):
-  """End to end, as a sweep runs them: the S seeds as S separate
-  ``run_experiment`` calls against one ``run_seeds`` call per mode, each
-  building its experiments, compiling, and running ``rounds`` rounds with an
-  evaluation every 10 (seconds of wall time)."""
-  from fedjax_sparse.simulation.experiment import run_experiment
-  from fedjax_sparse.simulation.multi_seed import run_seeds
-  cfg = dataclasses.replace(_config(num_clients, k=k, rounds=rounds),
-                            eval_every=10)
-  out = {"rounds": rounds}
-  t0 = time.perf_counter()
-  for s in seeds:
-    run_experiment(dataclasses.replace(cfg, seed=s,
-                                       client_devices=sep_devices),
-                   progress=False, fd=fd)
-  out["separate_s"] = time.perf_counter() - t0
-  for mode in modes:
-    t0 = time.perf_counter()
-    run_seeds(cfg, seeds, fd=fd, mode=mode)
-    out[f"{mode}_s"] = time.perf_counter() - t0
-    out[f"{mode}_speedup"] = out["separate_s"] / out[f"{mode}_s"]
-  return out
-
-
-SEED_MODES = ("vmap", "map", "shard")
-SWEEP_ROUNDS = 30  # the FLARE sweep's rounds
-
-
-def _seeds_section(rounds, timeout):
-  """4 seeds on 2 host devices: separate runs (client axis on 1 or split
-  over 2 devices, the faster is the baseline) against the batched modes."""
-  seeds = []
-  for k in (K, 10):
-    r = _run_child("seeds", 2, timeout, num_clients=1_000, k=k, num_seeds=4,
-                   rounds=rounds, modes=SEED_MODES, separate_devices=(1, 2),
-                   sweep_rounds=SWEEP_ROUNDS)
-    seeds.append(r)
-    print(f"  seeds=4 K={k} separate ({r['separate']}) "
-          f"{r['separate_round_s'] * 1e3:7.1f} ms " + " ".join(
-              f"{m} {r[m]['round_s'] * 1e3:7.1f} ms ({r[m]['speedup']:.2f}x)"
-              for m in SEED_MODES), flush=True)
-    sw = r["sweep"]
-    print(f"  seeds=4 K={k} {sw['rounds']} rounds end to end: separate "
-          f"{sw['separate_s']:.1f} s " + " ".join(
-              f"{m} {sw[m + '_s']:.1f} s ({sw[m + '_speedup']:.2f}x)"
-              for m in SEED_MODES), flush=True)
-  return seeds
-
-
-def _seed_targets(seeds):
-  out = {f"K={r['K']} {mode} per round": r[mode]["speedup"] > 1
-         for r in seeds for mode in SEED_MODES if mode in r}
-  out.update({f"K={r['K']} {mode} sweep of {r['sweep']['rounds']} rounds":
-              r["sweep"][f"{mode}_speedup"] > 1
-              for r in seeds if "sweep" in r for mode in SEED_MODES})
-  return out
-
-
-def _print_seeds(seeds):
-  print("| seeds | K | 4 separate runs ms/round (client devices) | "
-        + " | ".join(f"{m} ms/round" for m in SEED_MODES) + " |")
-  print("|---:|---:|---:|" + "---:|" * len(SEED_MODES))
-  for r in seeds:
-    cells = " | ".join(
-        f"{r[m]['round_s'] * 1e3:.1f} ({r[m]['speedup']:.2f}x)"
-        for m in SEED_MODES)
-    print(f"| {r['seeds']} | {r['K']} | {r['separate_round_s'] * 1e3:.1f} "
-          f"({r['separate'].split('@')[1]}) | {cells} |")
-  print()
-  print("| seeds | K | rounds | 4 separate runs s | "
-        + " | ".join(f"{m} s" for m in SEED_MODES) + " |")
-  print("|---:|---:|---:|---:|" + "---:|" * len(SEED_MODES))
-  for r in seeds:
-    sw = r["sweep"]
-    cells = " | ".join(f"{sw[m + '_s']:.1f} ({sw[m + '_speedup']:.2f}x)"
-                       for m in SEED_MODES)
-    print(f"| {r['seeds']} | {r['K']} | {sw['rounds']} | "
-          f"{sw['separate_s']:.1f} | {cells} |")
-  print()
-
-
-def _seeds_only(args, rounds, timeout, load_start):
-  seeds = _seeds_section(rounds, timeout)
-  _print_seeds(seeds)
-  from fedjax_sparse.simulation import io
-  out = {}
-  if os.path.exists(args.out):
-    with open(args.out) as f:
-      out = json.load(f)
-  out["seeds"] = seeds
-  out.setdefault("targets", {})["seeds_batched_faster"] = _seed_targets(seeds)
-  out["seeds_machine"] = _machine()
-  out["seeds_load_average"] = {"start": load_start, "end": os.getloadavg()}
-  print(json.dumps(out["targets"]["seeds_batched_faster"], indent=2))
-  io.atomic_write_json(args.out, out)
-  print(f"\nwrote {args.out}")
-
-
-def _run_child(kind, devices, timeout, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-  env.pop("XLA_FLAGS", None)
-  cmd = [sys.executable, "-m", "benchmarks.scale", f"--child={kind}",
-         f"--child_args={json.dumps(kw)}"]
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=timeout)
-  if r.returncode:
-    raise RuntimeError(f"{kind} {kw} failed:\n{r.stderr[-3000:]}")
-  return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _partition_sizes(num_clients):
@@ -380,20 +156,6 @@ def _partition_sizes(num_clients):
   return rows
 
 
-def _machine():
-  import jax
-  proc = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      proc = next((l.split(":", 1)[1].strip() for l in f
-                   if l.startswith("model name")), proc)
-  except OSError:
-    pass
-  return {"backend": jax.default_backend(), "cpus": os.cpu_count(),
-          "jax": jax.__version__, "processor": proc,
-          "platform": platform.platform()}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
@@ -417,7 +179,7 @@ def main():
   timeout = 900
 
   if args.only == "seeds":
-    _seeds_only(args, rounds, timeout, load_start)
+    seeds_only(args, rounds, timeout, load_start)
     return
   print("partition tables over 60,000 labels")
   parts = [r for c in (1_000, 10_000, 100_000) for r in _partition_sizes(c)]
@@ -432,8 +194,8 @@ def main():
   for rep in range(reps):
     for sampler in ("choice", "topk"):
       for c in (1_000, 10_000, 100_000):
-        r = _run_child("population", 1, timeout, num_clients=c,
-                       rounds=rounds, client_devices=1, sampler=sampler)
+        r = run_child("population", 1, timeout, num_clients=c,
+                      rounds=rounds, client_devices=1, sampler=sampler)
         runs.setdefault((sampler, c), []).append(r)
         print(f"  rep {rep} population C={c:>7,} sampler={sampler:6s} "
               f"round {r['round_s'] * 1e3:7.1f} ms (min "
@@ -455,15 +217,15 @@ def main():
   devs = []
   for steps in (LOCAL_STEPS, 10):
     for d in (1, 2):
-      r = _run_child("population", 2, timeout, num_clients=10_000,
-                     rounds=rounds, client_devices=d, sampler="choice",
-                     local_steps=steps)
+      r = run_child("population", 2, timeout, num_clients=10_000,
+                    rounds=rounds, client_devices=d, sampler="choice",
+                    local_steps=steps)
       devs.append(r)
       print(f"  devices={d} local_steps={steps} C=10,000 round "
             f"{r['round_s'] * 1e3:7.1f} ms (min "
             f"{r['round_min_s'] * 1e3:7.1f})", flush=True)
 
-  seeds = _seeds_section(rounds, timeout)
+  seeds = seeds_section(rounds, timeout)
 
   def by(sampler, c):
     return next(r for r in pop if r["sampler"] == sampler and r["C"] == c)
@@ -487,7 +249,7 @@ def main():
             for r in (a, b)),
         "xla_step_memory_growth_mb": xla_growth,
         "per_client_tables_growth_mb": table_growth}
-  targets["seeds_batched_faster"] = _seed_targets(seeds)
+  targets["seeds_batched_faster"] = seed_targets(seeds)
 
   print()
   print("| C | sampler | n_max | tables MB | step args+temp MB (XLA) | "
@@ -509,11 +271,11 @@ def main():
     print(f"| {r['local_steps']} | {r['client_devices']} | "
           f"{r['round_s'] * 1e3:.1f} | {r['round_min_s'] * 1e3:.1f} |")
   print()
-  _print_seeds(seeds)
+  print_seeds(seeds)
   print(json.dumps(targets, indent=2))
 
   from fedjax_sparse.simulation import io
-  out = {"machine": _machine(),
+  out = {"machine": machine(),
          "setup": {"N": N_TRAIN, "K": K, "local_steps": LOCAL_STEPS,
                    "batch": BATCH, "model": "mlp 2x200", "engine": "map/10",
                    "partition": "one_class", "rounds": rounds,
