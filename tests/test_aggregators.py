@@ -1,4 +1,7 @@
-"""Robust aggregators: numpy references from the formulas, and properties.
+"""Robust aggregators: the registry, numpy references from the formulas, and
+order statistics (properties every rule shares:
+test_aggregators_shared_properties.py; SafeSparse on sparse populations:
+test_aggregators_safesparse.py).
 
 Shapes are fixed (K = 10 clients, d = 24, packs of 3) so that every rule
 compiles once per variant; compiled functions are cached at module level.
@@ -11,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _order_stats
@@ -71,7 +72,7 @@ def _coord(masks, d=D, pack_size=P):
 
 
 # ---------------------------------------------------------------- references
-# The numpy references live in fedjax_sparse/testing/aggregator_refs.py (shared with
+# The numpy references live in fedjax_sparse/testing/aggregator_refs/ (shared with
 # benchmarks/aggregators.py); these wrappers add this file's default sizes.
 
 
@@ -343,192 +344,6 @@ def test_compose_order():
   out_a, _ = jax.jit(a.apply)((), jnp.asarray(u), None, jnp.asarray(w), KEY, _ctx())
   out_b, _ = jax.jit(b.apply)((), jnp.asarray(u), None, jnp.asarray(w), KEY, _ctx())
   np.testing.assert_allclose(out_a.update, out_b.update)
-
-
-# ---------------------------------------------------------------- properties
-
-# (name, hyperparameters, pre-aggregators) of every registered variant.
-ALL_RULES = [
-    ("median", {}, ()),
-    ("median", {"mask_aware": True}, ()),
-    ("trimmed_mean", {}, ()),
-    ("trimmed_mean", {"mask_aware": True}, ()),
-    ("krum", {}, ()),
-    ("multi_krum", {}, ()),
-    ("bulyan", {"f": 1}, ()),  # the paper's rule needs K >= 4f + 3
-    ("bulyan_fast", {}, ()),
-    ("rfa", {}, ()),
-    ("centered_clipping", {}, ()),
-    ("signsgd", {}, ()),
-    ("fedsign", {}, ()),
-    ("robust_dpfl", {}, ()),
-    ("safesparse", {}, ()),  # guard on by default
-    ("safesparse", {"guard": False}, ()),  # the paper's literal rule
-    ("median", {}, (("nnm", ()),)),
-]
-
-
-def _rule_id(rule):
-  name, hp, pre = rule
-  return "-".join([name] + [f"{k}={v}" for k, v in hp.items()] + [p for p, _ in pre])
-
-
-@pytest.mark.parametrize("rule", ALL_RULES, ids=_rule_id)
-@pytest.mark.parametrize("sparse", [False, True])
-def test_permutation_invariance(rule, sparse):
-  name, hp, pre = rule
-  u, masks, w = _data(20, sparse=sparse)
-  u[:3] = np.abs(u[:3]) * (_coord(masks)[:3] if sparse else 1)  # some structure
-  perm = np.random.RandomState(1).permutation(K)
-  out1, acc1, _, _ = run(name, u, masks, w, pre=pre, **hp)
-  out2, acc2, _, _ = run(name, u[perm], None if masks is None else masks[perm],
-                         w[perm], pre=pre, **hp)
-  np.testing.assert_allclose(out1, out2, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(acc1[perm], acc2, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("rule", ALL_RULES + [("median", {}, (("bucketing", ()),))],
-                         ids=_rule_id)
-def test_identical_inputs_give_the_common_value(rule):
-  name, hp, pre = rule
-  c = 0.05 * np.random.RandomState(3).randn(D).astype(np.float32)  # ||c|| < tau
-  u = np.tile(c, (K, 1))
-  _, _, w = _data(0)
-  got = run(name, u, None, w, pre=pre, **hp)[0]
-  if name == "signsgd":
-    np.testing.assert_array_equal(got, np.sign(c))
-  elif name == "safesparse" and hp.get("guard") is False:
-    # Literal rule: all distances 0, one cluster of everyone, all excluded.
-    np.testing.assert_array_equal(got, 0.0)
-  else:
-    np.testing.assert_allclose(got, c, rtol=1e-5, atol=1e-7)
-
-
-ROBUST = [r for r in ALL_RULES] + [("median", {}, (("bucketing", ()),))]
-
-
-@pytest.mark.parametrize("rule", ROBUST, ids=_rule_id)
-@pytest.mark.parametrize("bad", ["inf", "nan", "huge", "mixed"])
-def test_finite_output_with_f_bad_rows(rule, bad):
-  name, hp, pre = rule
-  u, _, w = _data(21)
-  rows = np.random.RandomState(2).choice(K, F, replace=False)
-  value = {"inf": np.inf, "nan": np.nan, "huge": 1e30, "mixed": -np.inf}[bad]
-  u[rows] = value
-  if bad == "mixed":
-    u[rows[0], ::2] = np.nan
-    u[rows[1]] = -1e30
-  got, acc, _, _ = run(name, u, None, w, pre=pre, **hp)
-  assert np.all(np.isfinite(got)), got
-  assert np.all(np.isfinite(acc))
-
-
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(0, 4),
-       scale=st.sampled_from([1e-3, 1.0, 1e6, 1e30]))
-def test_coordinatewise_breakdown(seed, n_bad, scale):
-  # K = 10, n_bad <= 4 < K/2 arbitrary outliers per coordinate.
-  rs = np.random.RandomState(seed)
-  u = rs.randn(K, D).astype(np.float32)
-  bad = rs.choice(K, n_bad, replace=False)
-  u[bad] = (rs.randn(n_bad, D) * scale).astype(np.float32)
-  benign = np.delete(u, bad, axis=0)
-  lo, hi = benign.min(0), benign.max(0)
-  for name, hp in [("median", {}), ("trimmed_mean", {})]:
-    got = run(name, u, ctx=_ctx(f=max(n_bad, 0)), **hp)[0]
-    assert np.all((got >= lo - 1e-6) & (got <= hi + 1e-6)), name
-
-
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(1, 2),
-       scale=st.sampled_from([10.0, 1e3, 1e30]))
-def test_krum_bulyan_breakdown(seed, n_bad, scale):
-  # K = 11 >= 4f + 3 with f = 2; outliers anywhere far from the benign cloud.
-  rs = np.random.RandomState(seed)
-  u = rs.randn(11, D).astype(np.float32)
-  bad = rs.choice(11, n_bad, replace=False)
-  direction = rs.randn(n_bad, D)
-  direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-  u[bad] = (u.mean(0) + scale * np.sqrt(D) * direction).astype(np.float32)
-  benign = np.delete(u, bad, axis=0)
-  lo, hi = benign.min(0), benign.max(0)
-  for name in ("krum", "bulyan"):
-    got, acc, _, _ = run(name, u, ctx=_ctx(f=2, k=11))
-    assert np.all((got >= lo - 1e-6) & (got <= hi + 1e-6)), name
-    assert not acc[bad].any()
-
-
-# ---------------------------------------------------------------- SafeSparse
-
-
-def _sparse_population(rs, n_benign=20, n_mal=8, n_packs=100, pack_size=4, r=0.5):
-  k = n_benign + n_mal
-  d = n_packs * pack_size
-  masks = np.zeros((k, n_packs), bool)
-  for i in range(k):
-    masks[i, rs.choice(n_packs, int(math.ceil(r * n_packs)), replace=False)] = True
-  u = rs.randn(k, d).astype(np.float32)
-  masks[:n_mal] = masks[0]
-  u[:n_mal] = u[0]
-  perm = rs.permutation(k)
-  masks, u = masks[perm], u[perm]
-  return u * _coord(masks, d, pack_size), masks, np.isin(perm, np.arange(n_mal))
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_safesparse_excludes_exactly_the_coordinated_group(seed):
-  rs = np.random.RandomState(seed)
-  u, masks, malicious = _sparse_population(rs)
-  ctx = _ctx(f=8, pack_size=4, k=28)
-  for guard in (False, True):
-    got, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=guard)
-    np.testing.assert_array_equal(acc, (~malicious).astype(float))
-    assert int(diag["min_samples"]) == round(28 * 0.2)
-    np.testing.assert_allclose(got, np_combine(u, masks, np.ones(28), ~malicious, 4),
-                               atol=1e-6)
-
-
-@pytest.mark.parametrize("seed", range(2))
-def test_safesparse_barely_overlapping_masks(seed):
-  # 20 benign clients, masks of 5% of 1000 packs: two masks share 2.5 packs on
-  # average, so D is 1 or spread over few values. The Jaccard step keeps all.
-  rs = np.random.RandomState(seed)
-  u, masks, _ = _sparse_population(rs, n_benign=20, n_mal=0, n_packs=1000,
-                                   pack_size=1, r=0.05)
-  ctx = _ctx(f=0, pack_size=1, k=20)
-  # The default (guard on) keeps everyone.
-  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx)
-  np.testing.assert_array_equal(acc, 1.0)
-  assert bool(diag["guard_triggered"])
-  # The paper's literal rule (guard off): eps is the typical distance, most
-  # points are core points, and the one big cluster is excluded.
-  _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=False)
-  assert acc.sum() <= 2
-  np.testing.assert_array_equal(acc, np_safesparse(u, masks, pack_size=1))
-
-
-def test_safesparse_dense_keeps_everyone_at_jaccard():
-  u, _, w = _data(30)
-  _, _, diag, _ = run("safesparse", u, None, w)
-  np.testing.assert_allclose(diag["jaccard_score"], 1.0)
-
-
-def test_safesparse_jaccard_drops_index_poisoner():
-  rs = np.random.RandomState(4)
-  u, masks, _ = _sparse_population(rs, n_benign=12, n_mal=0, n_packs=40,
-                                   pack_size=1, r=0.5)
-  # Client 0 selects the packs nobody else selects most: tiny overlap.
-  counts = masks[1:].sum(0)
-  masks[0] = False
-  masks[0, np.argsort(counts)[:5]] = True
-  u = rs.randn(12, 40).astype(np.float32) * masks
-  ctx = _ctx(f=0, pack_size=1, k=12)
-  for guard in (False, True):
-    _, acc, diag, _ = run("safesparse", u, masks, ctx=ctx, guard=guard)
-    assert acc[0] == 0
-    assert diag["jaccard_score"][0] < diag["jaccard_threshold"]
-    np.testing.assert_array_equal(acc, np_safesparse(u, masks, guard=guard,
-                                                     pack_size=1))
 
 
 # ---------------------------------------------------------------- order stats
