@@ -33,115 +33,26 @@ import sys
 
 from absl import flags
 
-from fedjax_sparse import aggregators as _aggregators
-from fedjax_sparse import attacks as _attacks
-from fedjax_sparse import models as _models
+from fedjax_sparse.config import help_text
+from fedjax_sparse.config import sections as _sections
 from fedjax_sparse.simulation.experiment import ExperimentConfig
 
-_DEFAULTS = ExperimentConfig()
-
-
-def _names(names, aliases=None) -> str:
-  text = ", ".join(names)
-  if aliases:
-    text += " (aliases: " + ", ".join(f"{a}={n}" for a, n in aliases.items()) + ")"
-  return text
-
-
-AGGREGATOR_NAMES = _names(_aggregators.names(), _aggregators.registry.ALIASES)
-ATTACK_NAMES = _names(["none"] + _attacks.names(), _attacks.registry.ALIASES)
-_HELP = {
-    "dataset": "fashion_mnist, mnist, digits, synthetic or tfds:<name> "
-               "(e.g. tfds:cifar10).",
-    "data_dir": "Directory of the dataset files (default: the dataset's own).",
-    "max_train": "Subsample the training set to this many examples (0: all).",
-    "val_size": "Examples held out of training as the server's validation set.",
-    "partition": "iid, dirichlet, shards or one_class.",
-    "alpha": "Dirichlet concentration (smaller = more label skew).",
-    "shards_per_client": "Classes per client of the shards partition.",
-    "min_samples": "Minimum samples per client of the dirichlet partition.",
-    "allow_empty_clients": "Allow clients without data (more clients than "
-                           "examples: cross-device populations).",
-    "num_clients": "Population size C.",
-    "clients_per_round": "Clients K sampled per round (without replacement).",
-    "rounds": "Number of federated rounds.",
-    "local_epochs": "Local epochs per round (when local_steps is 0).",
-    "local_steps": "Exact local steps per round (overrides local_epochs).",
-    "batch_size": "Local minibatch size.",
-    "optimizer": "Client optimizer: sgd, momentum or adam.",
-    "lr": "Client learning rate.",
-    "momentum": "Client momentum (also beta of --update_mode=momentum).",
-    "weight_decay": "Client L2 weight decay.",
-    "update_mode": "delta (global - local) or momentum (send the local "
-                   "momentum buffer, hybrid-attack paper).",
-    "prox_mu": "FedProx proximal coefficient (0 = off).",
-    "scaffold": "SCAFFOLD control-variate correction of local training.",
-    "server_lr": "Server learning rate.",
-    "server_optimizer": "Server optimizer: sgd, momentum or adam.",
-    "server_momentum": "Momentum of --server_optimizer=momentum (R <- m R + "
-                       "u, theta <- theta - server_lr R; SparseFed's "
-                       "baselines use 0.9). Unused by sgd and adam.",
-    "lr_decay_at": "Step decay of the server and client learning rates: "
-                   "from round floor(lr_decay_at * rounds) (0-based) on, "
-                   "both are multiplied by --lr_decay_factor (hybrid "
-                   "paper: 0.75). 0: no decay.",
-    "nonfinite": "Uploads holding inf/nan: reject (screened before "
-                 "aggregation: zero row, weight 0, acceptance 0, counted in "
-                 "nonfinite_clients) or propagate (the rule sees them).",
-    "lr_decay_factor": "Multiplier of the learning rates after "
-                       "--lr_decay_at (0.1: divide by 10).",
-    "aggregator": "Aggregation rule: " + AGGREGATOR_NAMES + ".",
-    "weighted": "Weight clients by dataset size (else uniformly).",
-    "aggregator_args": "Aggregator hyperparameters as name=value pairs, e.g. "
-                       "'k=0.01,clip_norm=5' for sparsefed.",
-    "num_byzantine": "Number of attackers f that robust rules assume (-1: "
-                     "the expected number among the sampled clients).",
-    "sparsify": "none (dense uploads) or topk (pack top-k uploads).",
-    "topk_ratio": "Fraction of packs each client keeps (FLARE default 0.5).",
-    "pack_size": "Parameters per pack (1 = scalar top-k).",
-    "attack": "Attack (update or data attack): " + ATTACK_NAMES + ".",
-    "attack_args": "Attack hyperparameters as name=value pairs, e.g. 'eps=0.4'.",
-    "malicious_fraction": "Fraction of the clients that are malicious.",
-    "malicious_mode": "Which clients are malicious: first or random.",
-    "attack_start": "First round (1-based) in which the attack is active.",
-    "model": "Model: " + ", ".join(_models.names()) + ".",
-    "conv_impl": "Convolution implementation: auto, im2col or lax.",
-    "norm": "Normalisation of resnet20: group, batch or none.",
-    "model_width": "Layer widths instead of the model's default: mlp hidden "
-                   "widths ('100' or '200,200'), cnn2 '32,64,512'-style "
-                   "tuples, resnet20 the first stage's channels ('8').",
-    "engine": "Client engine: vmap, map (lax.map in chunks) or sequential.",
-    "map_batch_size": "Clients per chunk of the map engine.",
-    "client_devices": "Devices the client axis is split over (0: all local "
-                      "devices; on CPU the binary makes one device per core).",
-    "seed": "Random seed (same seed, same results, bit for bit).",
-    "data_seed": "Seed of the data (training subsample, validation split, "
-                 "partition); -1: --seed. Fix it to train several seeds on "
-                 "one partition.",
-    "eval_every": "Evaluate on the test set every this many rounds.",
-    "checkpoint_every": "Save the resumable checkpoint every this many "
-                        "rounds and after the last (a killed run repeats at "
-                        "most checkpoint_every - 1 rounds).",
-    "eval_batch_size": "Evaluation batch size.",
-    "twin": "Also train an unattacked twin in the same jitted step (same "
-            "seed, no attackers) and report the L1 distance to it "
-            "(l1_to_twin) and its accuracy.",
-    "output_dir": "Where results go (empty: nowhere).",
-}
+AGGREGATOR_NAMES = _sections.aggregator_names()
+ATTACK_NAMES = _sections.attack_names()
 
 
 def _define_flags():
+  """One flag per ExperimentConfig field, with the field's default and help
+  (declared once, in :mod:`fedjax_sparse.config.sections`)."""
   for f in dataclasses.fields(ExperimentConfig):
-    default = getattr(_DEFAULTS, f.name)
-    help_text = _HELP.get(f.name, f.name)
     if f.type in ("bool", bool):
-      flags.DEFINE_boolean(f.name, default, help_text)
+      flags.DEFINE_boolean(f.name, f.default, help_text(f))
     elif f.type in ("int", int):
-      flags.DEFINE_integer(f.name, default, help_text)
+      flags.DEFINE_integer(f.name, f.default, help_text(f))
     elif f.type in ("float", float):
-      flags.DEFINE_float(f.name, default, help_text)
+      flags.DEFINE_float(f.name, f.default, help_text(f))
     else:
-      flags.DEFINE_string(f.name, default, help_text)
+      flags.DEFINE_string(f.name, f.default, help_text(f))
 
 
 _define_flags()

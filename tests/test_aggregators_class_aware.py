@@ -250,6 +250,7 @@ def test_inside_the_round_step():
   agg = agg_lib.get("class_aware_masking")(model.apply, unravel, val_x, val_y,
                                            NUM_CLIENTS)
   cfg = RoundConfig(num_clients=NUM_CLIENTS, clients_per_round=K,
+                    engine="vmap", client_devices=1,
                     client=ClientConfig(lr=0.1, batch_size=8, local_epochs=1))
   step = make_round_step(cfg, model.apply, agg, layout_of(variables["params"]),
                          idx.shape[1])

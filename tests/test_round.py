@@ -58,7 +58,8 @@ def _data(num_clients=6, n=240, seed=0, ragged=True):
 def _setup(model=TinyMLP(), **kw):
   data = _data()
   variables = model.init(jax.random.key(0), data.x[:1])
-  base = dict(num_clients=6, clients_per_round=4,
+  base = dict(num_clients=6, clients_per_round=4, engine="vmap",
+              client_devices=1,
               client=ClientConfig(lr=0.1, batch_size=8, local_epochs=1))
   base.update(kw)
   cfg = RoundConfig(**base)
@@ -99,7 +100,7 @@ def test_epoch_mode_visits_every_sample_once_per_epoch():
   # With lr=0 and a loss that is linear in the data, the number of examples
   # each step sees is recorded by the masked batch positions; check directly.
   from fedjax_sparse.client.local import _batch_positions
-  cfg = ClientConfig(batch_size=4, local_epochs=2)
+  cfg = ClientConfig(lr=0.1, batch_size=4, local_epochs=2)
   pos, valid = _batch_positions(cfg, 10, jnp.int32(7), jax.random.key(0))
   assert pos.shape == (6, 4)
   for e in range(2):
@@ -244,7 +245,8 @@ def test_fednova_with_equal_steps_equals_fedavg():
   data2 = _data()
   model = TinyMLP()
   variables = model.init(jax.random.key(0), data2.x[:1])
-  cfg = RoundConfig(num_clients=6, clients_per_round=4, **cfg_kw)
+  cfg = RoundConfig(num_clients=6, clients_per_round=4, engine="vmap",
+                    client_devices=1, **cfg_kw)
   agg = aggregators.get("fednova")()
   s2 = make_round_step(cfg, model.apply, agg, layout_of(variables["params"]),
                        data2.idx.shape[1])
@@ -340,6 +342,7 @@ def _server_steps(server_optimizer, lr_decay_round, rounds=5):
   layout = layout_of(variables["params"])
   c = np.random.default_rng(5).normal(size=layout.d).astype(np.float32)
   cfg = RoundConfig(num_clients=6, clients_per_round=4, server_lr=0.5,
+                    engine="vmap", client_devices=1,
                     server_optimizer=server_optimizer,
                     client=ClientConfig(lr=0.1, batch_size=8),
                     lr_decay_round=lr_decay_round, lr_decay_factor=0.1)

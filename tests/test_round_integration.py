@@ -34,7 +34,8 @@ def _make(cfg, agg_name="fedavg", update_attack=None, data_attack=None,
   return data, variables, step, state
 
 
-BASE = RoundConfig(num_clients=6, clients_per_round=6,
+BASE = RoundConfig(num_clients=6, clients_per_round=6, engine="vmap",
+                   client_devices=1,
                    client=ClientConfig(lr=0.1, batch_size=8, local_epochs=1))
 
 

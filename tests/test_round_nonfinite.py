@@ -18,6 +18,7 @@ from test_round import TinyBN, TinyMLP, _data
 
 MAL = np.array([True, False, False, True, False, False])
 BASE = RoundConfig(num_clients=6, clients_per_round=6, attack_start=1,
+                   engine="vmap", client_devices=1,
                    client=ClientConfig(lr=0.1, batch_size=8, local_epochs=1))
 
 

@@ -49,7 +49,6 @@ separately; they are not part of the update vector (see
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -58,70 +57,11 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+# The hyperparameters of local training are the client section of the
+# configuration tree (declared there once, with their flags' help).
+from fedjax_sparse.config.sections import ClientConfig
+
 PyTree = Any
-
-OPTIMIZERS = ("sgd", "momentum", "adam")
-UPDATE_MODES = ("delta", "momentum")
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientConfig:
-  """Hyperparameters of local training.
-
-  Attributes:
-    optimizer: "sgd", "momentum" (SGD with heavy-ball momentum) or "adam".
-    lr: local learning rate.
-    momentum: momentum of the "momentum" optimizer and beta of
-      ``update_mode="momentum"``.
-    weight_decay: L2 weight decay added to the gradient (0 disables).
-    local_epochs: epochs per round when ``local_steps == 0``.
-    local_steps: exact number of local steps per round (overrides epochs).
-    batch_size: minibatch size.
-    update_mode: "delta" or "momentum" (see the module docstring).
-    prox_mu: FedProx proximal coefficient mu (0 = plain local training).
-    scaffold: SCAFFOLD control-variate correction of the local gradients.
-  """
-
-  optimizer: str = "sgd"
-  lr: float = 0.1
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  local_epochs: int = 1
-  local_steps: int = 0
-  batch_size: int = 32
-  update_mode: str = "delta"
-  prox_mu: float = 0.0
-  scaffold: bool = False
-
-  def validate(self) -> None:
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"unknown client optimizer {self.optimizer!r}; "
-                       f"choose one of {', '.join(OPTIMIZERS)}")
-    if self.update_mode not in UPDATE_MODES:
-      raise ValueError(f"unknown update_mode {self.update_mode!r}; "
-                       f"choose one of {', '.join(UPDATE_MODES)}")
-    if not self.lr > 0:
-      raise ValueError(f"the client learning rate must be > 0, got {self.lr}")
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    if self.local_steps < 0:
-      raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
-    if self.local_steps == 0 and self.local_epochs < 1:
-      raise ValueError("set local_epochs >= 1 or local_steps >= 1 "
-                       f"(got local_epochs={self.local_epochs}, local_steps=0)")
-    if not 0.0 <= self.momentum < 1.0:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-    if self.weight_decay < 0 or self.prox_mu < 0:
-      raise ValueError("weight_decay and prox_mu must be >= 0")
-    if self.scaffold and self.update_mode == "momentum":
-      raise ValueError("scaffold and update_mode=momentum both keep per-client "
-                       "state; use one of them")
-
-  def steps_per_round(self, n_max: int) -> int:
-    """Number of (possibly no-op) local steps every client runs."""
-    if self.local_steps > 0:
-      return self.local_steps
-    return self.local_epochs * math.ceil(n_max / self.batch_size)
 
 
 def scaffold_multiplier(n_steps, cfg: ClientConfig):
