@@ -10,7 +10,7 @@ Needs:
 * :data:`SERVER_DATA`: the server's own labelled examples (the validation
   split, ``--val_size``), passed to the round step in ``RoundData.x_val`` /
   ``y_val``, which trains the server's own update on them and hands it to
-  the rule as ``ctx.extra["server_update"]`` (FLTrust's root data set).
+  the rule as ``ctx.server_update`` (FLTrust's root data set).
 * :data:`MODEL`: the model (``apply_fn``, ``unravel``, ``model_state``), the
   population size ``num_clients`` and per-class validation examples
   (``val_x``, ``val_y``), given to the factory as keyword arguments
@@ -26,11 +26,17 @@ Needs:
   ``num_byzantine`` (the f the rule is told) and the run's pack top-k
   (``topk_ratio``, 1 for dense uploads, and ``pack_size``), unless the
   attack arguments set them; the round passes the rule's state in
-  ``AttackContext.extra["agg_state"]`` (attacks that search against the
-  rule: ``optimal_ipm``, ``optimal_alie``).
+  ``AttackContext.agg_state`` (attacks that search against the rule:
+  ``optimal_ipm``, ``optimal_alie``).
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
+
+Per-round side inputs need no declaration: they are typed fields of the
+round context (:class:`fedjax_sparse.context.RoundContext`: ``clients``,
+``lr``, ``local_steps``, ``malicious``, ``server_update``, ``client_rank``,
+``agg_state``) that the round step fills whenever it has them; a rule or
+attack that needs one raises when it is None.
 
 Hooks (functions a factory carries for the metrics layer):
 

@@ -140,7 +140,7 @@ CLAIMS = {
     "fedsign": Claim(bound="finite", why="signs only"),
     "flame": Claim(hp=(("lamb", 0.0),), bound="norm",
                    why="kept rows clipped to the median norm (noise off)"),
-    # Without ctx.extra["clients"] the K rows are history rows 0..K-1, and a
+    # Without ctx.clients the K rows are history rows 0..K-1, and a
     # fresh state each call keeps the permutation test meaningful.
     "foolsgold": Claim(hp=(("num_clients", K),), bound="finite",
                        why="weights from the direction of histories"),
@@ -191,11 +191,11 @@ def _jitted(name, hp):
 
 
 def _ctx(k, f, steps=None, server_update=None, round_=0):
-  extra = {"local_steps": jnp.asarray(np.ones(k) if steps is None else steps,
-                                      jnp.float32)}
+  steps = jnp.asarray(np.ones(k) if steps is None else steps, jnp.float32)
   if server_update is not None:
-    extra["server_update"] = jnp.asarray(server_update, jnp.float32)
-  return AggContext(round=jnp.int32(round_), extra=extra, num_byzantine=f,
+    server_update = jnp.asarray(server_update, jnp.float32)
+  return AggContext(round=jnp.int32(round_), local_steps=steps,
+                    server_update=server_update, num_byzantine=f,
                     num_clients=k)
 
 

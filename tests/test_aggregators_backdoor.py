@@ -16,6 +16,7 @@ import pytest
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators.base import AggContext
 from fedjax_sparse.aggregators.flame import cosine_distances
+from fedjax_sparse.metrics.escape import selection_escape_ratio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fedjax_sparse.testing import aggregator_refs as refs  # noqa: E402
@@ -36,13 +37,11 @@ def run(name, u, w=None, hp=(), state=None, masks=None, pack_size=1,
   u = jnp.asarray(u, jnp.float32)
   k, d = u.shape
   w = jnp.ones((k,)) if w is None else jnp.asarray(w, jnp.float32)
-  extra = {}
-  if clients is not None:
-    extra["clients"] = jnp.asarray(clients, jnp.int32)
-  if malicious is not None:
-    extra["malicious"] = jnp.asarray(malicious)
-  ctx = AggContext(round=jnp.int32(0), extra=extra, pack_size=pack_size,
-                   num_clients=k)
+  ctx = AggContext(
+      round=jnp.int32(0),
+      clients=None if clients is None else jnp.asarray(clients, jnp.int32),
+      malicious=None if malicious is None else jnp.asarray(malicious),
+      pack_size=pack_size, num_clients=k)
   state = init(d) if state is None else state
   m = None if masks is None else jnp.asarray(masks)
   out, state = apply(state, u, m, w, KEY, ctx)
@@ -95,7 +94,9 @@ def test_flame_hand_computed():
   np.testing.assert_allclose(out.update, [0.9, 0.0] + 0.001 * noise, atol=1e-6)
   np.testing.assert_allclose(out.diagnostics["median_norm"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(out.diagnostics["noise_std"], 0.001, rtol=1e-6)
-  assert float(out.diagnostics["escape_ratio"]) == 0.0
+  assert "escape_ratio" not in out.diagnostics  # the round step's metric
+  assert agg_lib.get("flame")().selection_escape == "escape_ratio"
+  assert float(selection_escape_ratio(out.acceptance, [0, 0, 0, 0, 1])) == 0.0
 
 
 def test_flame_sparse_uploads_and_nonfinite_rows():

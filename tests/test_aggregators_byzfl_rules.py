@@ -29,6 +29,7 @@ import pytest
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import arc as arc_lib
 from fedjax_sparse.aggregators.base import AggContext, AggOut, stateless
+from fedjax_sparse.metrics.escape import selection_escape_metrics
 from fedjax_sparse.testing import byzfl as byzfl_loader
 from fedjax_sparse.testing import aggregator_refs as refs
 
@@ -43,24 +44,26 @@ X3 = np.array([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]], np.float32)
 @functools.lru_cache(maxsize=None)
 def _jitted(name, hp):
   agg = agg_lib.get(name)(**dict(hp))
-  return agg.init, jax.jit(agg.apply)
+  return agg, jax.jit(agg.apply)
 
 
 def run(name, u, f, masks=None, weights=None, pack_size=1, malicious=None,
         **hp):
-  init, apply = _jitted(name, tuple(sorted(hp.items())))
+  agg, apply = _jitted(name, tuple(sorted(hp.items())))
   u = jnp.asarray(u, jnp.float32)
   k, d = u.shape
   w = jnp.ones((k,)) if weights is None else jnp.asarray(weights, jnp.float32)
   # Always a malicious mask (no one by default): one program per shape.
   mal = np.zeros(k, bool) if malicious is None else malicious
-  extra = {"malicious": jnp.asarray(mal)}
-  ctx = AggContext(round=jnp.int32(0), extra=extra, pack_size=pack_size,
-                   num_byzantine=f, num_clients=k)
-  out, _ = apply(init(d), u, None if masks is None else jnp.asarray(masks),
+  ctx = AggContext(round=jnp.int32(0), malicious=jnp.asarray(mal),
+                   pack_size=pack_size, num_byzantine=f, num_clients=k)
+  out, _ = apply(agg.init(d), u, None if masks is None else jnp.asarray(masks),
                  w, KEY, ctx)
+  # The diagnostics as the round step records them.
+  diagnostics = dict(out.diagnostics, **selection_escape_metrics(
+      agg, out.acceptance, ctx.malicious))
   return (np.asarray(out.update), np.asarray(out.acceptance),
-          jax.tree.map(np.asarray, out.diagnostics))
+          jax.tree.map(np.asarray, diagnostics))
 
 
 def _capture():

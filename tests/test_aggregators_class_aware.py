@@ -43,11 +43,12 @@ def _jitted(mode, **hp):
 
 
 def _ctx(global_params, clients, malicious=None):
-  extra = {"clients": jnp.asarray(clients, jnp.int32), "lr": jnp.float32(1.0)}
-  if malicious is not None:
-    extra["malicious"] = jnp.asarray(malicious)
   return AggContext(round=jnp.int32(0), global_params=jnp.asarray(global_params),
-                    extra=extra, num_clients=len(clients))
+                    clients=jnp.asarray(clients, jnp.int32),
+                    lr=jnp.float32(1.0),
+                    malicious=(None if malicious is None
+                               else jnp.asarray(malicious)),
+                    num_clients=len(clients))
 
 
 # ---------------------------------------------------------------- reference

@@ -22,9 +22,9 @@ assert LAYOUT.d == D
 
 
 def _lctx(server_update=None, f=F):
-  extra = {} if server_update is None else {"server_update": jnp.asarray(server_update)}
+  g0 = None if server_update is None else jnp.asarray(server_update)
   return agg_lib.AggContext(round=jnp.int32(0), layout=LAYOUT, pack_size=3,
-                            num_byzantine=f, num_clients=K, extra=extra)
+                            num_byzantine=f, num_clients=K, server_update=g0)
 
 
 def _attacked(seed, n_bad=2, scale=-4.0):

@@ -28,13 +28,14 @@ def _jitted(name, hp=(), pre=()):
   return agg.init, jax.jit(agg.apply)
 
 
-def run(name, u, w=None, f=0, state=None, hp=(), pre=(), masks=None, extra=None):
+def run(name, u, w=None, f=0, state=None, hp=(), pre=(), masks=None,
+        local_steps=None):
   init, apply = _jitted(name, hp, pre)
   u = jnp.asarray(u, jnp.float32)
   k, d = u.shape
   w = jnp.ones((k,)) if w is None else jnp.asarray(w, jnp.float32)
-  ctx = AggContext(round=jnp.int32(0),
-                   extra=dict(extra or {"local_steps": jnp.ones((k,))}),
+  steps = jnp.ones((k,)) if local_steps is None else jnp.asarray(local_steps)
+  ctx = AggContext(round=jnp.int32(0), local_steps=steps,
                    num_byzantine=f, num_clients=k)
   state = init(d) if state is None else state
   out, state = apply(state, u, masks, w, KEY, ctx)
@@ -94,13 +95,11 @@ def test_fednova_renormalises_over_the_finite_rows():
   u = _honest()
   steps = np.array([1, 2, 3, 1, 2, 4], np.float32)
   w = np.array([1, 2, 1, 3, 1, 1], np.float32)
-  extra = {"local_steps": jnp.asarray(steps)}
   bad = u.copy()
   bad[2] = np.nan
-  got, _, _ = run("fednova", bad, w, extra=extra)
+  got, _, _ = run("fednova", bad, w, local_steps=steps)
   keep = np.array([0, 1, 3, 4, 5])
-  want, _, _ = run("fednova", u[keep], w[keep],
-                   extra={"local_steps": jnp.asarray(steps[keep])})
+  want, _, _ = run("fednova", u[keep], w[keep], local_steps=steps[keep])
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 

@@ -20,6 +20,7 @@ import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators import _distances
 from fedjax_sparse.aggregators import bulyan as bulyan_lib
 from fedjax_sparse.aggregators.base import AggContext
+from fedjax_sparse.metrics.escape import selection_escape_metrics
 from fedjax_sparse.testing import byzfl as byzfl_loader
 from fedjax_sparse.testing import aggregator_refs as refs
 
@@ -29,20 +30,25 @@ KEY = jax.random.PRNGKey(0)
 @functools.lru_cache(maxsize=None)
 def _jitted(name, **hp):
   agg = agg_lib.get(name)(**hp)
-  return agg.init, jax.jit(agg.apply)
+  return agg, jax.jit(agg.apply)
 
 
 def run(name, u, weights=None, f=0, malicious=None, **hp):
-  init, apply = _jitted(name, **hp)
+  """The rule's outputs; with ``malicious``, its diagnostics also hold the
+  selection escape ratio the round step adds."""
+  agg, apply = _jitted(name, **hp)
   u = jnp.asarray(u, jnp.float32)
   k, d = u.shape
   w = jnp.ones((k,)) if weights is None else jnp.asarray(weights, jnp.float32)
-  extra = {} if malicious is None else {"malicious": jnp.asarray(malicious, bool)}
-  ctx = AggContext(round=jnp.int32(0), extra=extra, num_byzantine=f,
+  mal = None if malicious is None else jnp.asarray(malicious, bool)
+  ctx = AggContext(round=jnp.int32(0), malicious=mal, num_byzantine=f,
                    num_clients=k)
-  out, _ = apply(init(d), u, None, w, KEY, ctx)
+  out, _ = apply(agg.init(d), u, None, w, KEY, ctx)
+  diagnostics = dict(out.diagnostics)
+  if mal is not None:
+    diagnostics.update(selection_escape_metrics(agg, out.acceptance, mal))
   return (np.asarray(out.update), np.asarray(out.acceptance),
-          jax.tree.map(np.asarray, out.diagnostics))
+          jax.tree.map(np.asarray, diagnostics))
 
 
 def _spread(x):

@@ -345,7 +345,7 @@ def test_dba_triggers_and_fraction():
   assert not np.any(trig[0].mask & trig[1].mask)
   apply = jax.jit(attack.apply)
   for rank in range(8):
-    ctx = A.AttackContext(extra={"client_rank": jnp.int32(rank)})
+    ctx = A.AttackContext(client_rank=jnp.int32(rank))
     xp, yp = apply(x, y, jax.random.key(rank), ctx)
     xp, yp = np.asarray(xp), np.asarray(yp)
     poisoned = yp == 0

@@ -1,10 +1,13 @@
-"""Escape-ratio diagnostics (hybrid_sparse_attack.txt 2.4) against numpy.
+"""Escape ratios (hybrid_sparse_attack.txt 2.4; fedjax_sparse/metrics/escape.py)
+against numpy.
 
 The oracles sort every coordinate in numpy and count the malicious values
 at the kept ranks. Ties are broken uniformly at random in the rules'
-convention (see fedjax_sparse/aggregators/_escape.py); with heavy ties the
+convention (see fedjax_sparse/metrics/escape.py); with heavy ties the
 oracle averages over every tie-breaking order of the clients (all K!
-permutations, K <= 6), which is that expectation exactly.
+permutations, K <= 6), which is that expectation exactly. Selection rules
+only name their selection escape ratio (``Aggregator.selection_escape``);
+the metric comes from their acceptance, as the round step computes it.
 """
 
 import functools
@@ -18,6 +21,7 @@ import pytest
 
 import fedjax_sparse.aggregators as agg_lib
 from fedjax_sparse.aggregators.base import AggContext
+from fedjax_sparse.metrics import escape
 
 KEY = jax.random.PRNGKey(0)
 
@@ -25,20 +29,28 @@ KEY = jax.random.PRNGKey(0)
 @functools.lru_cache(maxsize=None)
 def _jitted(name, **hp):
   agg = agg_lib.get(name)(**hp)
-  return agg.init, jax.jit(agg.apply)
+  return agg, jax.jit(agg.apply)
 
 
-def run(name, u, malicious=None, masks=None, f=2, pack_size=1, **hp):
-  init, apply = _jitted(name, **hp)
+def run(name, u, malicious=None, masks=None, f=2, pack_size=1, rule_only=False,
+        **hp):
+  """The rule's outputs; with ``malicious``, its diagnostics hold the
+  selection escape ratio as the round step adds it (not with
+  ``rule_only``)."""
+  agg, apply = _jitted(name, **hp)
   u = jnp.asarray(u, jnp.float32)
   k, d = u.shape
-  extra = {} if malicious is None else {"malicious": jnp.asarray(malicious, bool)}
-  ctx = AggContext(round=jnp.int32(0), extra=extra, pack_size=pack_size,
+  mal = None if malicious is None else jnp.asarray(malicious, bool)
+  ctx = AggContext(round=jnp.int32(0), malicious=mal, pack_size=pack_size,
                    num_byzantine=f, num_clients=k)
   m = None if masks is None else jnp.asarray(masks, bool)
-  out, _ = apply(init(d), u, m, jnp.ones((k,)), KEY, ctx)
+  out, _ = apply(agg.init(d), u, m, jnp.ones((k,)), KEY, ctx)
+  diagnostics = dict(out.diagnostics)
+  if mal is not None and not rule_only:
+    diagnostics.update(escape.selection_escape_metrics(agg, out.acceptance,
+                                                       mal))
   return (np.asarray(out.update), np.asarray(out.acceptance),
-          jax.tree.map(np.asarray, out.diagnostics))
+          jax.tree.map(np.asarray, diagnostics))
 
 
 # ---------------------------------------------------------------- oracles
@@ -250,3 +262,54 @@ def test_safesparse_escape_is_the_accepted_share():
   u[mal] = np.abs(u[mal])  # a coordinated sign pattern
   _, acc, diag = run("safesparse", u, mal)
   np.testing.assert_allclose(diag["escape_ratio"], ((acc > 0) & mal).sum() / mal.sum())
+
+
+def np_selection_escape(acceptance, mal):
+  """A numpy loop: accepted malicious clients / malicious clients."""
+  n_mal = kept = 0
+  for a, m in zip(acceptance, mal):
+    if m:
+      n_mal += 1
+      kept += a > 0
+  return kept / n_mal if n_mal else 0.0
+
+
+def test_selection_escape_ratio_is_the_accepted_malicious_share():
+  rs = np.random.RandomState(100)
+  for k in (1, 5, 12):
+    for _ in range(5):
+      mal = rs.rand(k) < 0.4
+      # 0/1 acceptance, soft weights and rejections with negative weights.
+      acc = np.where(rs.rand(k) < 0.5, 0.0, rs.rand(k)).astype(np.float32)
+      acc[rs.rand(k) < 0.2] = -1.0
+      got = escape.selection_escape_ratio(jnp.asarray(acc), jnp.asarray(mal))
+      np.testing.assert_allclose(got, np_selection_escape(acc, mal), rtol=1e-7)
+  assert float(escape.selection_escape_ratio(jnp.ones(4), jnp.zeros(4, bool))) == 0
+
+
+def test_selection_escape_is_computed_outside_the_rules():
+  """Rules that select name their metric; they do not compute it (the
+  ground truth is for the per-coordinate diagnostics only)."""
+  u, mal = _population(95, 10, 20, 3)
+  names = {"krum": "escape_ratio", "multi_krum": "escape_ratio",
+           "safesparse": "escape_ratio", "flame": "escape_ratio",
+           "mda": "escape_ratio", "monna": "escape_ratio",
+           "smea": "escape_ratio", "bulyan": "escape_ratio_selection",
+           "bulyan_fast": "escape_ratio_selection", "median": None,
+           "trimmed_mean": None, "fedavg": None}
+  for name, key in names.items():
+    assert agg_lib.get(name)().selection_escape == key, name
+    f = 1 if name == "bulyan" else 2
+    _, acc, diag = run(name, u, mal, f=f, rule_only=True)
+    assert "escape_ratio_selection" not in diag, name
+    if key == "escape_ratio":
+      assert "escape_ratio" not in diag, name
+    metrics = escape.selection_escape_metrics(agg_lib.get(name)(), acc, mal)
+    if key is None:
+      assert metrics == {}, name
+    else:
+      np.testing.assert_allclose(metrics[key], np_selection_escape(acc, mal))
+  # Pre-aggregators pass the name on.
+  krum = agg_lib.get("krum")()
+  for pre in ("bucketing", "nnm", "arc", "clip"):
+    assert agg_lib.get_pre(pre)(krum).selection_escape == "escape_ratio", pre

@@ -264,7 +264,7 @@ def test_fednova_formula_with_unequal_steps():
   tau = np.array([2.0, 4.0, 10.0], np.float32)
   agg = aggregators.get("fednova")()
   ctx = aggregators.AggContext(round=jnp.int32(0),
-                               extra={"local_steps": jnp.asarray(tau)})
+                               local_steps=jnp.asarray(tau))
   out, _ = jax.jit(agg.apply)((), jnp.asarray(u), None, jnp.asarray(w),
                               jax.random.key(0), ctx)
   p = w / w.sum()
@@ -332,7 +332,7 @@ def _constant_aggregator(c):
   return Aggregator(
       lambda d: (),
       lambda st, u, m, w, k, ctx: (AggOut(c, jnp.ones(u.shape[:1]),
-                                          {"lr": ctx.extra["lr"]}), st))
+                                          {"lr": ctx.lr}), st))
 
 
 def _server_steps(server_optimizer, lr_decay_round, rounds=5):

@@ -79,7 +79,7 @@ def test_reject_changes_nothing_on_finite_uploads(case):
   # step as it was before the policy (checked against that code, bit for
   # bit, when the policy was added).
   agg = aggregators.get(agg_name)()
-  trusting = Aggregator(agg.init, lambda st, u, m, w, k, ctx: agg.apply(
+  trusting = agg._replace(apply=lambda st, u, m, w, k, ctx: agg.apply(
       st, u, m, w, k, ctx.replace(finite_uploads=True)))
   results = []
   for policy, rule in (("reject", agg), ("propagate", trusting)):

@@ -75,8 +75,8 @@ def np_alg2(updates, masks, weights, acceptance, P):
   return out
 
 
-def ctx(P=1, rnd=0, **extra):
-  return AggContext(round=jnp.int32(rnd), pack_size=P, extra=extra)
+def ctx(P=1, rnd=0, **side_inputs):
+  return AggContext(round=jnp.int32(rnd), pack_size=P, **side_inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -298,13 +298,13 @@ def np_sparsefed(rounds, L, k, rho):
   return deltas, R, W
 
 
-def _run(agg, rounds, P=1, weights=None, **extra):
+def _run(agg, rounds, P=1, weights=None, **side_inputs):
   apply = jax.jit(agg.apply)
   state = agg.init(rounds[0].shape[1])
   outs, states = [], [state]
   for t, U in enumerate(rounds):
     w = np.ones(U.shape[0], np.float32) if weights is None else weights
-    out, state = apply(state, jnp.asarray(U), None, w, None, ctx(P, t, **extra))
+    out, state = apply(state, jnp.asarray(U), None, w, None, ctx(P, t, **side_inputs))
     outs.append(out)
     states.append(state)
   return outs, states

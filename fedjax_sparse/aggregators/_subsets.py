@@ -196,9 +196,9 @@ def selection_rule(name: str, select, f, max_subsets: int, score_name: str,
   chooses (MDA, SMEA): ``select(d2, ok, m, max_subsets) -> (bool/float [K]
   selection, score, exact)``; the selected usable rows are combined with the
   shared aggregation, and the diagnostics hold ``score_fn(score)`` under
-  ``score_name``, ``exact`` and, with ``ctx.extra["malicious"]``, the escape
-  ratio."""
-  from fedjax_sparse.aggregators import _common, _distances, _escape
+  ``score_name`` and ``exact``; the rule's ``selection_escape`` is
+  ``escape_ratio``."""
+  from fedjax_sparse.aggregators import _common, _distances
   from fedjax_sparse.aggregators.base import AggOut, stateless
   check_max_subsets(max_subsets, name)
 
@@ -213,9 +213,6 @@ def selection_rule(name: str, select, f, max_subsets: int, score_name: str,
     update = _distances.combine_selected(updates, masks, weights, acceptance,
                                          ctx.pack_size, ctx.finite_uploads)
     diagnostics = {score_name: score_fn(score), "exact": jnp.bool_(is_exact)}
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")

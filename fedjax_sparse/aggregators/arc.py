@@ -96,4 +96,4 @@ def arc(base: Aggregator, f: Optional[int] = None) -> Aggregator:
     diagnostics = dict(out.diagnostics, arc_clip_norm=threshold)
     return AggOut(out.update, out.acceptance, diagnostics), state
 
-  return Aggregator(init, apply)
+  return Aggregator(init, apply, base.selection_escape)

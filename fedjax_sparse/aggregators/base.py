@@ -13,13 +13,20 @@ An aggregator is a pair of pure functions in the spirit of optax::
   for dense uploads. ``ctx.pack_size`` maps packs to coordinates.
 * ``weights``: ``f32[K]`` aggregation weights (dataset sizes, or ones).
 * ``key``: a PRNG key for randomised rules (GAS, DnC, bucketing).
-* ``ctx``: an :class:`AggContext` with the round number, the global model and
-  static facts (layout, pack size, number of attackers a rule may assume).
+* ``ctx``: an :class:`AggContext` (the typed
+  :class:`~fedjax_sparse.context.RoundContext`) with the round number, the
+  global model, the side inputs some rules need (``ctx.clients``,
+  ``ctx.lr``, ``ctx.local_steps``, ``ctx.server_update``; None when not
+  given) and static facts (layout, pack size, number of attackers a rule
+  may assume).
 
 ``apply`` returns an :class:`AggOut` with the aggregated update ``f32[d]``, the
 per-client acceptance or weight ``f32[K]`` (1 accepted, 0 rejected, or a soft
 weight) used by the detection and escape metrics, and a small dict of
-diagnostics (scalars or small arrays, all jittable).
+diagnostics (scalars or small arrays, all jittable). A rule whose acceptance
+is a selection names the key of its selection escape ratio in
+``Aggregator.selection_escape``; the round step computes that ratio from the
+acceptance and the ground truth (:mod:`fedjax_sparse.metrics.escape`).
 
 Selection rules (Krum, SafeSparse, FedSign, ...) compute an acceptance vector
 and hand it to :func:`combine`, which is plain weighted averaging for dense
@@ -30,11 +37,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.layout import Layout
+from fedjax_sparse.context import RoundContext
 
 Array = jax.Array
 PyTree = Any
@@ -55,32 +61,9 @@ class AggOut(NamedTuple):
   diagnostics: dict
 
 
-@flax.struct.dataclass
-class AggContext:
-  """Everything an aggregator may know besides the updates.
-
-  Traced fields: ``round`` (int32 scalar), ``global_params`` (``f32[d]``, the
-  flat global model before this round's update), ``client_model_state`` (the
-  sampled clients' non-parameter collections after local training, e.g.
-  BatchNorm statistics, each leaf with a leading ``[K]`` axis; None for
-  models without them), ``extra`` (a dict of arrays for rules that need
-  more, e.g. FLTrust's server update).
-  Static fields: ``layout``, ``pack_size``, ``num_byzantine`` (f, the number
-  of attackers a rule such as Krum is told to tolerate), ``num_clients``
-  (K) and ``finite_uploads`` (True when the caller has screened every row
-  holding inf/nan, as the round step does with ``nonfinite="reject"``: the
-  weighted means then skip their own check, see :func:`combine_finite`).
-  """
-
-  round: Array
-  global_params: Optional[Array] = None
-  client_model_state: Optional[PyTree] = None
-  extra: dict = flax.struct.field(default_factory=dict)
-  layout: Optional[Layout] = flax.struct.field(pytree_node=False, default=None)
-  pack_size: int = flax.struct.field(pytree_node=False, default=1)
-  num_byzantine: int = flax.struct.field(pytree_node=False, default=0)
-  num_clients: int = flax.struct.field(pytree_node=False, default=0)
-  finite_uploads: bool = flax.struct.field(pytree_node=False, default=False)
+# The typed round context under the name of the aggregator contract (one
+# class for rules and attacks; see fedjax_sparse/context.py for its fields).
+AggContext = RoundContext
 
 
 InitFn = Callable[[int], PyTree]
@@ -88,10 +71,24 @@ ApplyFn = Callable[..., tuple[AggOut, PyTree]]
 
 
 class Aggregator(NamedTuple):
-  """A pure ``init``/``apply`` pair (see the module docstring)."""
+  """A pure ``init``/``apply`` pair (see the module docstring).
+
+  Attributes:
+    init: ``init(d) -> state``.
+    apply: ``apply(state, updates, masks, weights, key, ctx) -> (AggOut,
+      state)``.
+    selection_escape: for a rule whose acceptance is a selection (Krum,
+      SafeSparse, ...), the diagnostic name under which the round step
+      reports the share of the malicious clients it accepted
+      (:func:`fedjax_sparse.metrics.escape.selection_escape_ratio` of
+      ``AggOut.acceptance`` and ``ctx.malicious``), e.g. ``"escape_ratio"``;
+      None for rules whose acceptance is not a selection. Pre-aggregators
+      pass their base's on.
+  """
 
   init: InitFn
   apply: ApplyFn
+  selection_escape: Optional[str] = None
 
 
 def empty_state(d: int) -> tuple:
@@ -100,12 +97,14 @@ def empty_state(d: int) -> tuple:
   return ()
 
 
-def stateless(apply: Callable[..., AggOut]) -> Aggregator:
+def stateless(apply: Callable[..., AggOut],
+              selection_escape: Optional[str] = None) -> Aggregator:
   """An :class:`Aggregator` for a rule without state (optax's ``stateless``).
 
   Args:
     apply: ``apply(updates, masks, weights, key, ctx) -> AggOut``, the rule
       without the state argument.
+    selection_escape: see :class:`Aggregator`.
 
   Returns:
     ``Aggregator(empty_state, ...)`` whose ``apply`` takes and returns the
@@ -117,7 +116,7 @@ def stateless(apply: Callable[..., AggOut]) -> Aggregator:
   def apply_with_state(state, updates, masks, weights, key, ctx):
     return apply(updates, masks, weights, key, ctx), state
 
-  return Aggregator(empty_state, apply_with_state)
+  return Aggregator(empty_state, apply_with_state, selection_escape)
 
 
 def expand_pack_mask(masks: Array, pack_size: int, d: int) -> Array:

@@ -12,7 +12,10 @@ The base rule sees ``ctx.num_clients`` = number of buckets and the same
 the base its own ``f`` to assume otherwise. A member with inf/nan is absent
 from its bucket's average and weight (:func:`._common.mix`); a bucket of
 such members only is a NaN row for the base. Each client's acceptance is
-its bucket's.
+its bucket's, so a base rule's selection escape ratio (``selection_escape``)
+is the share of the malicious clients whose bucket was accepted. The base
+gets no ``ctx.malicious``: the ground truth is per client, not per bucket,
+so per-coordinate escape diagnostics of the base are not computed.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def bucketing(base: Aggregator, s: int = 2) -> Aggregator:
     mixed, mixed_masks, bucket_weights = _common.mix(
         membership, updates, masks, weights, ctx.pack_size)
     out, state = base.apply(state, mixed, mixed_masks, bucket_weights, key_base,
-                            ctx.replace(num_clients=n_buckets))
+                            ctx.replace(num_clients=n_buckets, malicious=None))
     diagnostics = dict(out.diagnostics, bucket=bucket)
     return AggOut(out.update, out.acceptance[bucket], diagnostics), state
 
-  return Aggregator(init, apply)
+  return Aggregator(init, apply, base.selection_escape)

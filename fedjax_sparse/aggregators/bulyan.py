@@ -55,14 +55,18 @@ vector score 0 and would be selected), and supports ``mask_aware=True``
 clients, see :mod:`.trimmed_mean`).
 
 Escape ratios (hybrid_sparse_attack.txt section 2.4, "each stage
-separately"; ALGORITHMS.md section 7), both rules: when ``ctx.extra``
-carries ``malicious`` (``bool[K]``, for diagnostics only),
-``escape_ratio_selection`` is the share of the malicious clients selected by
-stage 1 and ``escape_ratio_trim`` the share of the selected malicious
-clients' values that stage 2 averages (the ``beta`` closest to the median,
-or the untrimmed middle; ties credited in proportion, see :mod:`._escape`; 0
-when no malicious client is selected). Their product is the share of all
-malicious values that reach the average.
+separately"; ALGORITHMS.md section 7), both rules: ``escape_ratio_selection``
+is the share of the malicious clients selected by stage 1, computed by the
+round step from the acceptance
+(:func:`fedjax_sparse.metrics.escape.selection_escape_ratio`; the rules
+name it in ``Aggregator.selection_escape``), and ``escape_ratio_trim``, a
+diagnostic of the rule when ``ctx.malicious`` is given (``bool[K]``, ground
+truth for diagnostics only), the share of the selected malicious clients'
+values that stage 2 averages (the ``beta`` closest to the median, or the
+untrimmed middle; ties credited in proportion, see
+:mod:`fedjax_sparse.metrics.escape`; 0 when no malicious client is
+selected). Their product is the share of all malicious values that reach
+the average.
 """
 
 from __future__ import annotations
@@ -73,9 +77,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_sparse.aggregators import _common, _distances, _escape, _order_stats
+from fedjax_sparse.aggregators import _common, _distances, _order_stats
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.aggregators.trimmed_mean import trimmed_mean_and_escape
+from fedjax_sparse.metrics import escape
 
 Array = jax.Array
 
@@ -198,10 +204,11 @@ def closest_to_median_mean(x: Array, beta: int,
   span = theta - beta  # = 2f windows to either side
   lo = _order_stats._pick(rows, start, tuple(range(span + 1)))
   hi = _order_stats._pick(rows, start + beta - 1, tuple(range(beta - 1, theta)))
-  kept, den = _escape.trimmed_parts(x, lo, hi, start, span - start, malicious)
+  kept, den = escape.trimmed_escape_parts(x, lo, hi, start, span - start,
+                                          malicious)
   # One fusion, one copy of the network for the mean and the escape count
-  # (see _escape.value_and_ratio).
-  return _escape.value_and_ratio(total / beta, kept, den)
+  # (see escape.value_and_escape_ratio).
+  return escape.value_and_escape_ratio(total / beta, kept, den)
 
 
 @register("bulyan")
@@ -217,8 +224,8 @@ def bulyan(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator:
   Returns:
     An :class:`Aggregator`. Diagnostics: ``scores`` (Krum scores of the full
     set, ``K - f - 2`` neighbours), ``beta`` (values averaged per
-    coordinate) and, when ``ctx.extra`` has ``malicious``,
-    ``escape_ratio_selection`` and ``escape_ratio_trim``.
+    coordinate) and, when ``ctx.malicious`` is given, ``escape_ratio_trim``;
+    ``selection_escape`` is ``escape_ratio_selection``.
   """
   if mask_aware:
     raise ValueError("bulyan: mask_aware is not implemented for the paper's "
@@ -240,17 +247,14 @@ def bulyan(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator:
     acceptance = jnp.zeros((k,), jnp.float32).at[order].set(1.0)
     selected = updates[order]
     diagnostics = {"scores": scores, "beta": jnp.int32(beta)}
-    if "malicious" in ctx.extra:
-      malicious = ctx.extra["malicious"]
+    if ctx.malicious is not None:
       update, diagnostics["escape_ratio_trim"] = closest_to_median_mean(
-          selected, beta, malicious[order])
-      diagnostics["escape_ratio_selection"] = _escape.selection(acceptance,
-                                                                malicious)
+          selected, beta, ctx.malicious[order])
     else:
       update, _ = closest_to_median_mean(selected, beta)
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio_selection")
 
 
 @register("bulyan_fast")
@@ -267,8 +271,8 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
 
   Returns:
     An :class:`Aggregator`. Diagnostics: ``scores`` (Krum scores), ``b`` and,
-    when ``ctx.extra`` has ``malicious``, ``escape_ratio_selection`` and
-    ``escape_ratio_trim``.
+    when ``ctx.malicious`` is given, ``escape_ratio_trim``;
+    ``selection_escape`` is ``escape_ratio_selection``.
   """
 
   def apply(updates, masks, weights, key, ctx):
@@ -288,14 +292,11 @@ def bulyan_fast(f: Optional[int] = None, mask_aware: bool = False) -> Aggregator
     if mask_aware and masks is not None:
       contrib = _common.coordinate_masks(masks[order], ctx.pack_size, d)
     diagnostics = {"scores": scores, "b": jnp.int32(b)}
-    if "malicious" in ctx.extra:
-      malicious = ctx.extra["malicious"]
-      update, diagnostics["escape_ratio_trim"] = _escape.coordinate_trimmed_mean(
-          selected, b, malicious[order], contrib)
-      diagnostics["escape_ratio_selection"] = _escape.selection(acceptance,
-                                                                malicious)
+    if ctx.malicious is not None:
+      update, diagnostics["escape_ratio_trim"] = trimmed_mean_and_escape(
+          selected, b, ctx.malicious[order], contrib)
     else:
       update = _order_stats.coordinate_trimmed_mean(selected, b, contrib)
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio_selection")

@@ -28,7 +28,7 @@ by ``gamma``. ``mode="delta"`` (ours) masks the updates instead:
 global model where nobody moves it and works with any server optimiser.
 
 State: the per-client masks ``f32[num_clients, d]`` (all clients of the
-federation, touched only at the sampled rows ``ctx.extra["clients"]``).
+federation, touched only at the sampled rows ``ctx.clients``).
 Acceptance: the soft weight ``omega_i / max_j omega_j``. Choices the paper
 leaves open (ours): the clients' dataset sizes (``weights``) are not used
 (the method's point is to need no client metadata), nor are the sparse upload
@@ -129,7 +129,7 @@ def class_aware_masking(apply_fn: Callable[..., Array],
 
   Returns:
     An :class:`Aggregator` whose state is a :class:`ClassAwareState`; it
-    reads ``ctx.extra["clients"]`` and ``ctx.global_params``. Diagnostics:
+    reads ``ctx.clients`` and ``ctx.global_params``. Diagnostics:
     ``dominant_class int32[K]``, ``class_accuracy f32[K]`` (accuracy on the
     dominant class), ``omega f32[K]``.
   """
@@ -164,17 +164,17 @@ def class_aware_masking(apply_fn: Callable[..., Array],
   def apply(state, updates, masks, weights, key, ctx):
     del masks, weights, key
     d = updates.shape[1]
-    if "clients" not in ctx.extra:
+    if ctx.clients is None:
       raise ValueError(
           "class_aware_masking needs the sampled client ids in "
-          "ctx.extra['clients'] (int32[K]) to index its per-client masks")
+          "ctx.clients (int32[K]) to index its per-client masks")
     if ctx.global_params is None:
       raise ValueError("class_aware_masking needs ctx.global_params (the flat "
                        "global model) to rebuild the local models")
     if state.masks.shape[1] != d:
       raise ValueError(f"class_aware_masking: state masks have d = "
                        f"{state.masks.shape[1]}, updates d = {d}")
-    clients = ctx.extra["clients"]
+    clients = ctx.clients
     ok = _common.finite_rows(updates)
     x = _common.zero_rows(updates, ok)
     local = ctx.global_params.astype(x.dtype)[None, :] - x  # LM_i

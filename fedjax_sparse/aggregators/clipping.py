@@ -112,19 +112,18 @@ def clip_threshold(clip_norm: float, adaptive_clip: bool,
   """``L`` or, with adaptive clipping, ``L * lr(t)`` (sparsefed.txt App. B.2).
 
   The learning rate is ``lr_schedule(ctx.round)`` when given, else the traced
-  scalar ``ctx.extra["lr"]`` that the round step passes in.
+  scalar ``ctx.lr`` that the round step passes in.
   """
   if not adaptive_clip:
     return clip_norm
   if lr_schedule is not None:
     lr = lr_schedule(ctx.round)
   else:
-    extra = getattr(ctx, "extra", None) or {}
-    if "lr" not in extra:
+    lr = getattr(ctx, "lr", None)
+    if lr is None:
       raise ValueError(
           "adaptive_clip=True needs the learning rate: pass lr_schedule= to the "
-          "factory or put the round's scalar lr in AggContext.extra['lr']")
-    lr = extra["lr"]
+          "factory or put the round's scalar lr in AggContext.lr")
   return clip_norm * jnp.asarray(lr, jnp.float32)
 
 
@@ -164,7 +163,7 @@ def clip(base: Aggregator, clip_norm: float = 5.0, adaptive_clip: bool = False,
       5.0); ``inf`` disables clipping.
     adaptive_clip: clip to ``L * lr(t)`` (sparsefed.txt App. B.2).
     lr_schedule: ``round -> lr`` for adaptive clipping; ``None`` reads
-      ``ctx.extra["lr"]``.
+      ``ctx.lr``.
 
   Returns:
     An :class:`~fedjax_sparse.aggregators.Aggregator` with the base's state.
@@ -184,7 +183,7 @@ def clip(base: Aggregator, clip_norm: float = 5.0, adaptive_clip: bool = False,
     return AggOut(out.update, out.acceptance,
                   dict(out.diagnostics, clip_scale=scale)), state
 
-  return Aggregator(base.init, apply)
+  return Aggregator(base.init, apply, base.selection_escape)
 
 
 @register("clipping")

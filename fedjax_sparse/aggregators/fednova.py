@@ -9,7 +9,7 @@ FedNova averages the per-step updates ``u_i / tau_i`` with the data weights
   update = tau_eff * sum_i p_i u_i / tau_i      (p_i = w_i / sum_j w_j)
 
 With equal step counts it is FedAvg. The round step reports each client's
-steps in ``ctx.extra["local_steps"]``; FedNova is one of the training-side
+steps in ``ctx.local_steps``; FedNova is one of the training-side
 baselines of class_aware_masking.txt (ALGORITHMS.md section 4). Under sparse
 uploads the per-coordinate normalisation of FLARE's Alg. 2 is applied to the
 step-normalised updates.
@@ -31,14 +31,14 @@ from fedjax_sparse.aggregators.registry import register
 
 @register("fednova")
 def fednova() -> Aggregator:
-  """FedNova aggregator (needs ``ctx.extra["local_steps"]``)."""
+  """FedNova aggregator (needs ``ctx.local_steps``)."""
 
   def apply(updates, masks, weights, key, ctx):
     del key
-    if "local_steps" not in ctx.extra:
+    if ctx.local_steps is None:
       raise ValueError("fednova needs the clients' local step counts in "
-                       "ctx.extra['local_steps'] (the round step provides them)")
-    tau = jnp.maximum(ctx.extra["local_steps"].astype(updates.dtype), 1.0)
+                       "ctx.local_steps (the round step provides them)")
+    tau = jnp.maximum(ctx.local_steps.astype(updates.dtype), 1.0)
     total = jnp.sum(weights)
     # All weights 0: nothing to average (0, not 0 / 0).
     p = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)

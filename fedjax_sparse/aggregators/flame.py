@@ -59,8 +59,8 @@ honest norms.
 
 Acceptance is 1 for kept clients, 0 for outliers. Diagnostics:
 ``hdbscan_labels int32[K]``, ``median_norm`` (``S_t``), ``noise_std``
-(``sigma``) and, when ``ctx.extra`` has ``malicious``, ``escape_ratio`` (the
-share of malicious clients kept).
+(``sigma``); the round step reports ``escape_ratio`` (the share of malicious
+clients kept) from the acceptance (``selection_escape``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _escape
+from fedjax_sparse.aggregators import _common
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.hdbscan import hdbscan
@@ -178,9 +178,6 @@ def flame(lamb: float = 0.001, min_samples: int = 2,
       update = update + sigma * jax.random.normal(key, (d,), updates.dtype)
     diagnostics = {"hdbscan_labels": labels, "median_norm": s_t,
                    "noise_std": sigma}
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")

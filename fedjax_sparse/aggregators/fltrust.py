@@ -1,7 +1,7 @@
 """FLTrust (Cao et al., NDSS 2021; ALGORITHMS.md section 4).
 
 The server trains on a small clean root set (default 100 samples) to get its
-own update ``g0``; the round step passes it as ``ctx.extra["server_update"]``
+own update ``g0``; the round step passes it as ``ctx.server_update``
 (``f32[d]``, a descent direction like the clients' updates). Then
 ``trust_i = ReLU(cos(u_i, g0))``, every update is rescaled to ``||g0||``, and
 the result is ``sum_i trust_i ||g0|| u_i / ||u_i|| / sum_i trust_i`` (0 when
@@ -33,17 +33,17 @@ def fltrust() -> Aggregator:
   """Trust-weighted average of updates rescaled to the server update's norm.
 
   Returns:
-    An :class:`Aggregator` that reads ``ctx.extra["server_update"]``.
+    An :class:`Aggregator` that reads ``ctx.server_update``.
     Diagnostics: ``cos f32[K]``.
   """
 
   def apply(updates, masks, weights, key, ctx):
     del masks, weights, key
-    if "server_update" not in ctx.extra:
+    if ctx.server_update is None:
       raise ValueError(
           "fltrust needs the server's update on its root set in "
-          "ctx.extra['server_update'] (f32[d]); compute it in the round step")
-    g0 = ctx.extra["server_update"].astype(updates.dtype)
+          "ctx.server_update (f32[d]); compute it in the round step")
+    g0 = ctx.server_update.astype(updates.dtype)
     norm0 = _common.safe_norm(g0)
 
     def checked(_):

@@ -37,7 +37,7 @@ Defaults and departures:
   experiments have every client in every round).
 
 State: the histories ``f32[num_clients, d]``, one row per client of the
-federation, read and written at the rows ``ctx.extra["clients"]`` (the
+federation, read and written at the rows ``ctx.clients`` (the
 sampled client ids that the round step passes); without them (a caller
 outside the round step) rows ``0..K-1`` are this round's clients in order.
 ``num_clients`` must cover every client id: ids outside ``[0,
@@ -134,14 +134,14 @@ def foolsgold(num_clients: int, kappa: float = 1.0) -> Aggregator:
     if state.history.shape != (num_clients, d):
       raise ValueError(f"foolsgold: state history has shape "
                        f"{state.history.shape}, expected {(num_clients, d)}")
-    if "clients" in ctx.extra:
-      clients = jnp.asarray(ctx.extra["clients"], jnp.int32)
+    if ctx.clients is not None:
+      clients = jnp.asarray(ctx.clients, jnp.int32)
     elif k <= num_clients:
       clients = jnp.arange(k, dtype=jnp.int32)
     else:
       raise ValueError(
           f"foolsgold: K={k} updates but num_clients={num_clients} history "
-          "rows and no ctx.extra['clients']; raise num_clients")
+          "rows and no ctx.clients; raise num_clients")
     ok = (jnp.ones((k,), bool) if ctx.finite_uploads
           else _common.finite_rows(updates))
     prev = state.history[clients]

@@ -22,16 +22,16 @@ updates' coordinate range. At ``K = 2f + 1`` ``f`` copies of one vector would
 score 0 and be selected.
 
 Escape ratio (hybrid_sparse_attack.txt section 2.4, ``e_krum``; ALGORITHMS.md
-section 7): when ``ctx.extra`` carries ``malicious`` (``bool[K]``, for
-diagnostics only), ``escape_ratio`` is the share of the malicious clients
-selected (0 when there are none).
+section 7): ``escape_ratio`` is the share of the malicious clients selected
+(0 when there are none), computed by the round step from the acceptance and
+the ground truth (``selection_escape``; :mod:`fedjax_sparse.metrics.escape`).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from fedjax_sparse.aggregators import _common, _distances, _escape
+from fedjax_sparse.aggregators import _common, _distances
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
@@ -51,13 +51,9 @@ def _make(f: Optional[int], m: Optional[int], name: str) -> Aggregator:
     acceptance = _common.lowest(scores, m_)
     update = _distances.combine_selected(updates, masks, weights, acceptance,
                                          ctx.pack_size, ctx.finite_uploads)
-    diagnostics = {"scores": scores}
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
-    return AggOut(update, acceptance, diagnostics)
+    return AggOut(update, acceptance, {"scores": scores})
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")
 
 
 @register("krum")

@@ -33,8 +33,8 @@ Conventions:
   diameter of the honest mean (exact mode).
 
 Acceptance: 1 for the averaged clients, 0 otherwise. Diagnostics:
-``diameter`` (of the selected set), ``exact``, and ``escape_ratio`` when
-``ctx.extra`` has ``malicious``.
+``diameter`` (of the selected set) and ``exact``; the round step reports
+``escape_ratio`` from the acceptance (``selection_escape``).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ usable, and never averaged (acceptance 0).
 
 Acceptance: 1 for the averaged neighbours. Diagnostics: ``pivot`` (the row
 used), ``radius`` (distance from the pivot to its farthest averaged
-neighbour), ``escape_ratio`` when ``ctx.extra`` has ``malicious``.
+neighbour); the round step reports ``escape_ratio`` from the acceptance
+(``selection_escape``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _distances, _escape, _subsets
+from fedjax_sparse.aggregators import _common, _distances, _subsets
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
@@ -89,9 +90,6 @@ def monna(f: Optional[int] = None, pivot: Optional[int] = 0) -> Aggregator:
                                          ctx.pack_size, ctx.finite_uploads)
     radius2 = jnp.max(jnp.where(acceptance > 0, jnp.maximum(row, 0.0), 0.0))
     diagnostics = {"pivot": p.astype(jnp.int32), "radius": jnp.sqrt(radius2)}
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")

@@ -63,4 +63,4 @@ def nnm(base: Aggregator, f: Optional[int] = None) -> Aggregator:
     out, state = base.apply(state, mixed, mixed_masks, weights, key, ctx)
     return AggOut(out.update, out.acceptance, out.diagnostics), state
 
-  return Aggregator(init, apply)
+  return Aggregator(init, apply, base.selection_escape)

@@ -46,10 +46,10 @@ reads masks (step 1) and signs (step 2) only, never magnitudes: a finite row
 at ``1e30`` whose mask and signs pass is averaged in as sent. Rows with
 inf/nan are never accepted (above).
 
-Escape ratio (ALGORITHMS.md section 7): when ``ctx.extra`` carries
-``malicious`` (``bool[K]``, used for the diagnostic only, never for the
-decision), ``escape_ratio`` is the share of the malicious clients accepted
-(0 when there are none).
+Escape ratio (ALGORITHMS.md section 7): ``escape_ratio`` is the share of the
+malicious clients accepted (0 when there are none), computed by the round
+step from the acceptance and the ground truth (``selection_escape``;
+:mod:`fedjax_sparse.metrics.escape`), never seen by the rule.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _escape
+from fedjax_sparse.aggregators import _common
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.dbscan import dbscan
@@ -160,8 +160,8 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Agg
   Returns:
     An :class:`Aggregator`. Diagnostics: ``jaccard_score f32[K]``,
     ``jaccard_threshold``, ``eps``, ``min_samples``, ``dbscan_labels
-    int32[K]`` (-1 noise or not clustered), ``guard_triggered`` and, when
-    ``ctx.extra`` has ``malicious``, ``escape_ratio``.
+    int32[K]`` (-1 noise or not clustered) and ``guard_triggered``;
+    ``selection_escape`` is ``escape_ratio``.
   """
   if not 0.0 <= beta:
     raise ValueError(f"safesparse: beta must be >= 0, got {beta}")
@@ -206,9 +206,6 @@ def safesparse(beta: float = 0.6, gamma: float = 0.2, guard: bool = True) -> Agg
         "dbscan_labels": labels,
         "guard_triggered": triggered,
     }
-    if "malicious" in ctx.extra:
-      diagnostics["escape_ratio"] = _escape.selection(acceptance,
-                                                      ctx.extra["malicious"])
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")

@@ -37,8 +37,8 @@ Conventions:
   never averaged (acceptance 0). The greedy path removes unusable rows first.
 
 Acceptance: 1 for the averaged clients. Diagnostics: ``lambda_max`` (of the
-selected set's covariance), ``exact``, ``escape_ratio`` when ``ctx.extra``
-has ``malicious``.
+selected set's covariance) and ``exact``; the round step reports
+``escape_ratio`` from the acceptance (``selection_escape``).
 """
 
 from __future__ import annotations

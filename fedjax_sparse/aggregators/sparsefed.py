@@ -38,7 +38,7 @@ Choices (each one setting away from the paper):
   pack over the clients that sent it (FLARE Alg. 2, ours).
 * Adaptive clipping (App. B.2): ``L_t = L * lr(t)`` with ``lr`` from
   ``lr_schedule(ctx.round)`` when given, else from the traced scalar
-  ``ctx.extra["lr"]`` that the round step passes in.
+  ``ctx.lr`` that the round step passes in.
 * Non-finite and huge rows (ours): a row at ``1e30`` is clipped to norm ``L``
   (norms without overflow,
   :func:`~fedjax_sparse.aggregators.clipping.clip_by_l2_norm`);
@@ -125,7 +125,7 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
     rho: server momentum (paper: 0.9; 0 disables momentum).
     adaptive_clip: clip to ``L * lr(t)`` (App. B.2).
     lr_schedule: ``round -> lr`` for adaptive clipping; if ``None`` the lr is
-      read from ``ctx.extra["lr"]``.
+      read from ``ctx.lr``.
     weighted: weight the mean by the clients' dataset sizes (ours; the paper
       averages uniformly).
     mask_aware: with sparse uploads, average each pack over the clients that

@@ -31,8 +31,8 @@ Update attacks (:class:`UpdateAttack`):
 
 Data attacks (:class:`DataAttack`) transform one malicious client's minibatch
 ``(x f32[B, ...], y int32[B])``; the factory takes ``num_classes``.
-``ctx.extra["client_rank"]`` (the client's index among the malicious set)
-picks a DBA trigger.
+``ctx.client_rank`` (the client's index among the malicious set) picks a DBA
+trigger.
 
 The start round (paper default 10, ALGORITHMS.md section 5) is applied by the
 round step (``round >= start_round``); ``apply`` does not gate on it.
@@ -46,7 +46,7 @@ Wiring into a round step (a sketch)::
   attack_state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_state, attack_state)
 
   # data attacks, inside local training of client i, per minibatch:
-  ctx_i = ctx.replace(extra={"client_rank": malicious_rank[i]})
+  ctx_i = ctx.replace(client_rank=malicious_rank[i])
   xp, yp = data_attack.apply(x, y, key_i, ctx_i)
   x, y = jnp.where(is_mal[i] & on, xp, x), jnp.where(is_mal[i] & on, yp, y)
 
@@ -61,12 +61,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sparse.layout import Layout
+from fedjax_sparse.context import RoundContext
 
 Array = jax.Array
 PyTree = Any
@@ -75,34 +74,12 @@ KNOWLEDGE = ("omniscient", "partial")
 CHOOSE_MODES = ("first", "random")
 
 
-@flax.struct.dataclass
-class AttackContext:
-  """Everything an attack may know besides the updates.
-
-  Traced fields:
-    round: int32 scalar, the current round.
-    global_params: ``f32[d]`` flat global model before this round's update.
-    prev_aggregate: ``f32[d]`` last round's aggregated update (zeros at the
-      start); ROP builds on it.
-    weights: ``f32[K]`` aggregation weights of the sampled clients.
-    extra: dict of arrays (``client_rank`` for data attacks, a precomputed
-      ``targeted_update`` for :func:`~fedjax_sparse.attacks.targeted_pgd`).
-
-  Static fields:
-    layout: the :class:`~fedjax_sparse.layout.Layout` of the flat vectors
-      (layer-wise attacks such as C-LASA), or None.
-    num_clients: K, the number of sampled clients.
-    pack_size: parameters per pack of the sparsifier (index poisoning).
-  """
-
-  round: Array = 0
-  global_params: Optional[Array] = None
-  prev_aggregate: Optional[Array] = None
-  weights: Optional[Array] = None
-  extra: dict = flax.struct.field(default_factory=dict)
-  layout: Optional[Layout] = flax.struct.field(pytree_node=False, default=None)
-  num_clients: int = flax.struct.field(pytree_node=False, default=0)
-  pack_size: int = flax.struct.field(pytree_node=False, default=1)
+# The typed round context under the name of the attack contract (one class
+# for rules and attacks; see fedjax_sparse/context.py for its fields). Attacks
+# read ``round``, ``global_params``, ``prev_aggregate``, ``weights``,
+# ``layout``, ``num_clients``, ``pack_size`` and the side inputs
+# ``client_rank`` (data attacks), ``targeted_update`` and ``agg_state``.
+AttackContext = RoundContext
 
 
 InitFn = Callable[[int], PyTree]
@@ -203,7 +180,7 @@ def choose_malicious(num_clients: int, num_malicious: int, mode: str = "first",
 def malicious_rank(is_malicious: np.ndarray) -> np.ndarray:
   """``int32[C]``: each client's index among the malicious set (-1 if benign).
 
-  The value to put in ``ctx.extra["client_rank"]`` for DBA.
+  The value to put in ``ctx.client_rank`` for DBA.
   """
   is_malicious = np.asarray(is_malicious, bool)
   rank = np.cumsum(is_malicious) - 1

@@ -267,7 +267,7 @@ def dba(num_classes: int, target_label: int = 0, poison_fraction: float = 0.2,
         num_triggers: int = 4, triggers: Optional[Sequence[Trigger]] = None) -> DataAttack:
   """Distributed backdoor attack (Xie et al. 2020; class_aware_masking.txt 4, 5.1.3).
 
-  Malicious client ``r`` (``ctx.extra["client_rank"]``, its index among the
+  Malicious client ``r`` (``ctx.client_rank``, its index among the
   malicious clients, 0 if absent) stamps local trigger ``r % num_triggers``
   on ``round(poison_fraction * B)`` examples of each batch and relabels them
   as the target. The ASR is measured with :func:`global_trigger`.
@@ -289,8 +289,8 @@ def dba(num_classes: int, target_label: int = 0, poison_fraction: float = 0.2,
     values = {t.value for t in trigs}
     if len(values) != 1:
       raise ValueError("all DBA triggers must share one value")
-    extra = getattr(ctx, "extra", None) or {}
-    rank = jnp.asarray(extra.get("client_rank", 0), jnp.int32)
+    rank = getattr(ctx, "client_rank", None)
+    rank = jnp.asarray(0 if rank is None else rank, jnp.int32)
     masks = jnp.asarray(np.stack([t.mask for t in trigs]))
     mask = jnp.take(masks, jnp.mod(rank, num_triggers), axis=0)
     rows = choose_rows(key, y.shape[0], poison_fraction)

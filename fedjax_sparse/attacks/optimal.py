@@ -23,8 +23,8 @@ on one side (``delta > 0``: increasing), as in ByzFL.
 Knowledge: omniscient (the benign updates of the round, the rule, its state
 and the clients' weights); all attackers upload the same vector. The rule
 runs inside the jitted attack once per evaluation (a ``lax.fori_loop``, so
-it is compiled once); rules that read run-time inputs from ``ctx.extra``
-(FLTrust's server update, FedNova's step counts, FoolsGold's client ids)
+it is compiled once); rules that need run-time side inputs of the round
+context (FLTrust's ``ctx.server_update``, FedNova's ``ctx.local_steps``)
 cannot be simulated and are refused when the attack is built.
 """
 
@@ -132,8 +132,7 @@ def _make(direction: str, aggregator, num_byzantine: int, topk_ratio: float,
     mu, sigma = benign_stats(updates, is_malicious)
     weights = (ctx.weights if ctx.weights is not None
                else jnp.ones((k,), updates.dtype))
-    extra = getattr(ctx, "extra", None) or {}
-    agg_state = extra.get("agg_state")
+    agg_state = getattr(ctx, "agg_state", None)
     if agg_state is None:
       agg_state = aggregator.init(d)
 

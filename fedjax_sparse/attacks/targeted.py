@@ -16,7 +16,7 @@ the flat global model:
   arrays; ``apply`` then runs :func:`pgd_update` on
   ``unravel(ctx.global_params)`` inside the jitted round step; or
 * compute the update yourself with :func:`pgd_update` and pass it as
-  ``ctx.extra["targeted_update"]`` (factory called without ``loss_fn``).
+  ``ctx.targeted_update`` (factory called without ``loss_fn``).
 
 Either way the malicious rows are replaced by that single update
 (``u = global - local``, the same sign convention as honest updates).
@@ -132,7 +132,7 @@ def targeted_pgd(loss_fn: Optional[Callable] = None, unravel: Optional[Callable]
 
   Args:
     loss_fn: ``loss_fn(params, x, y) -> scalar``; None to read
-      ``ctx.extra["targeted_update"]`` instead.
+      ``ctx.targeted_update`` instead.
     unravel: flat ``f32[d]`` -> params pytree (needed with ``loss_fn``).
     aux_x, aux_y: the auxiliary set (needed with ``loss_fn``).
     clip_norm, lr, steps, batch_size, onto: as in :func:`pgd_update`.
@@ -146,10 +146,10 @@ def targeted_pgd(loss_fn: Optional[Callable] = None, unravel: Optional[Callable]
 
   def apply(state, updates, is_malicious, key, ctx):
     if loss_fn is None:
-      if "targeted_update" not in ctx.extra:
+      if ctx.targeted_update is None:
         raise ValueError("targeted_pgd without loss_fn reads "
-                         "ctx.extra['targeted_update'] (f32[d]); it is missing")
-      u = ctx.extra["targeted_update"]
+                         "ctx.targeted_update (f32[d]); it is missing")
+      u = ctx.targeted_update
     else:
       params = unravel(ctx.global_params)
       u = pgd_update(loss_fn, params, aux_x, aux_y, clip_norm=clip_norm, lr=lr,

@@ -1,6 +1,7 @@
 """Metrics of federated runs (ALGORITHMS.md section 7): accuracy, attack
-success rate, detection rates, outsized impact factor, model distance and
-communication. Pure functions of arrays (jittable where they take arrays)."""
+success rate, detection rates, escape ratios, outsized impact factor, model
+distance and communication. Pure functions of arrays (jittable where they
+take arrays)."""
 
 from fedjax_sparse.metrics.accuracy import accuracy, top_k_accuracy, top_k_correct
 from fedjax_sparse.metrics.backdoor import (attack_success_rate,
@@ -12,6 +13,7 @@ from fedjax_sparse.metrics.communication import (bits_to_megabytes,
                                                  dense_uplink_bits)
 from fedjax_sparse.metrics.detection import (Detection, detection,
                                              detection_rates, flagged)
+from fedjax_sparse.metrics.escape import selection_escape_ratio
 from fedjax_sparse.metrics.impact import (influence, l1_distance,
                                           outsized_impact_factor)
 
@@ -21,4 +23,7 @@ __all__ = [
     "compression_ratio", "dense_uplink_bits", "detection", "detection_rates",
     "flagged", "influence", "l1_distance", "outsized_impact_factor",
     "top_k_accuracy", "top_k_correct",
+    # Escape ratios (metrics.escape); the coordinate-wise ones are computed
+    # by the rules that have the order statistics.
+    "selection_escape_ratio",
 ]

@@ -17,8 +17,9 @@ federated round inside a single ``jax.jit``:
 7. apply the aggregate with the server optimizer (plain ``theta - lr * u`` by
    default; with ``lr_decay_round`` the server and client learning rates
    follow a step decay) and write back per-client state;
-8. return the round's metrics: loss, acceptance, detection counts against the
-   known malicious clients, and uplink/downlink bits.
+8. return the round's metrics: loss, acceptance, detection counts and the
+   selection escape ratio against the known malicious clients
+   (:mod:`fedjax_sparse.metrics`), and uplink/downlink bits.
 
 No Python loop over clients runs; all state is an explicit pytree
 (:class:`ServerState`) carried from round to round, and its buffers are
@@ -39,9 +40,12 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjax_sparse.aggregators.base import AggContext, Aggregator
+from fedjax_sparse.aggregators.base import Aggregator
 from fedjax_sparse.client.local import make_client_train
+from fedjax_sparse.context import RoundContext
 from fedjax_sparse.layout import Layout
+from fedjax_sparse.metrics.detection import detection
+from fedjax_sparse.metrics.escape import selection_escape_metrics
 from fedjax_sparse.simulation.evaluation import make_evaluate
 from fedjax_sparse.simulation.round_config import (ENGINES,
                                                    NONFINITE_POLICIES,
@@ -159,10 +163,13 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
   Both attacks act from round ``cfg.attack_start`` on, through the clients
   marked in ``data.malicious``.
 
-  The aggregator's ``ctx.extra`` holds ``clients`` (int32[K] sampled ids, to
-  index per-client state), ``malicious`` (bool[K], for escape-ratio
-  diagnostics only: rules must not use it to decide), ``lr`` (the round's server
-  learning rate, after the decay of ``cfg.lr_decay_round``) and, with server data, ``server_update``.
+  The aggregator's :class:`~fedjax_sparse.context.RoundContext` has the
+  typed side inputs ``clients`` (int32[K] sampled ids, to index per-client
+  state), ``malicious`` (bool[K], for escape-ratio diagnostics only: rules
+  must not use it to decide), ``lr`` (the round's server learning rate,
+  after the decay of ``cfg.lr_decay_round``), ``local_steps`` (f32[K]) and,
+  with server data, ``server_update``. Data attacks get ``client_rank``,
+  update attacks ``agg_state`` (the rule's state).
 
   Returns:
     The round step. ``metrics`` holds ``loss`` (mean client training loss),
@@ -172,7 +179,12 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     flagged when its acceptance is 0, and a client screened by
     ``cfg.nonfinite="reject"`` has acceptance 0), ``nonfinite_clients``
     (uploads holding inf/nan), ``uplink_bits`` and ``downlink_bits``
-    of the round, ``update_norm`` and the aggregator's diagnostics.
+    of the round, ``update_norm``, the aggregator's diagnostics (``agg/``)
+    and, for a rule that names one (``aggregator.selection_escape``), its
+    selection escape ratio under that name (``agg/escape_ratio``, ...):
+    the share of the malicious clients the rule accepted, from its own
+    acceptance (before the ``nonfinite="reject"`` screen sets screened
+    clients to 0).
   """
   d = layout.d
   cfg.validate(d)
@@ -226,9 +238,8 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                 count, k, psn, rk):
       actx = None
       if data_attack is not None:
-        from fedjax_sparse.attacks import AttackContext
-        actx = AttackContext(round=rnd, prev_aggregate=state.prev_aggregate,
-                             extra={"client_rank": rk})
+        actx = RoundContext(round=rnd, prev_aggregate=state.prev_aggregate,
+                            client_rank=rk)
       return train_one(params, model_state, cs if stateful else (), x_all,
                        y_all, idx_row, count, k, psn, actx, control,
                        lr_scale=lr_multiplier(cfg, rnd))
@@ -248,12 +259,11 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
 
     attack_state = state.attack_state
     if update_attack is not None:
-      from fedjax_sparse.attacks import AttackContext
-      actx = AttackContext(round=state.round, global_params=flat_global,
-                           prev_aggregate=state.prev_aggregate,
-                           weights=weights, layout=layout,
-                           num_clients=num_k, pack_size=pack_size,
-                           extra={"agg_state": state.agg_state})
+      actx = RoundContext(round=state.round, global_params=flat_global,
+                          prev_aggregate=state.prev_aggregate,
+                          weights=weights, agg_state=state.agg_state,
+                          layout=layout, num_clients=num_k,
+                          pack_size=pack_size)
       updates, attack_state = jax.lax.cond(
           attack_active & jnp.any(is_mal),
           lambda u, st: update_attack.apply(st, u, is_mal, k_attack, actx),
@@ -280,21 +290,21 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
     server_lr = jnp.float32(cfg.server_lr)
     if lr_mult is not None:
       server_lr = server_lr * lr_mult
-    extra = {"clients": clients, "malicious": is_mal,
-             "lr": server_lr,
-             "local_steps": out.steps.astype(jnp.float32)}
+    server_update = None
     if data.x_server is not None:
       n_srv = data.x_server.shape[0]
-      srv = train_server(state.params, state.model_state, (), data.x_server,
-                         data.y_server, jnp.arange(n_srv, dtype=jnp.int32),
-                         jnp.int32(n_srv), k_server, lr_scale=lr_mult)
-      extra["server_update"] = srv.update
-    ctx = AggContext(round=state.round, global_params=flat_global,
-                     client_model_state=(out.model_state if has_model_state
-                                         else None),
-                     extra=extra, layout=layout, pack_size=pack_size,
-                     num_byzantine=cfg.num_byzantine, num_clients=num_k,
-                     finite_uploads=reject)
+      server_update = train_server(
+          state.params, state.model_state, (), data.x_server, data.y_server,
+          jnp.arange(n_srv, dtype=jnp.int32), jnp.int32(n_srv), k_server,
+          lr_scale=lr_mult).update
+    ctx = RoundContext(round=state.round, global_params=flat_global,
+                       client_model_state=(out.model_state if has_model_state
+                                           else None),
+                       clients=clients, malicious=is_mal, lr=server_lr,
+                       local_steps=out.steps.astype(jnp.float32),
+                       server_update=server_update, layout=layout,
+                       pack_size=pack_size, num_byzantine=cfg.num_byzantine,
+                       num_clients=num_k, finite_uploads=reject)
     agg_out, agg_state = aggregator.apply(state.agg_state, updates, masks,
                                           agg_weights, k_agg, ctx)
     acceptance = agg_out.acceptance
@@ -345,21 +355,23 @@ def make_round_step(cfg: RoundConfig, apply_fn: Callable, aggregator: Aggregator
                             server_control=server_control,
                             prev_aggregate=agg_out.update.astype(jnp.float32),
                             round=state.round + 1, key=key)
-    flagged = acceptance <= 0
+    det = detection(acceptance, is_mal)
     metrics = {
         "loss": jnp.sum(out.loss * weights) / jnp.sum(weights),
         "clients": clients,
         "acceptance": acceptance,
         "malicious": is_mal,
         "attack_active": attack_active,
-        "num_malicious": jnp.sum(is_mal.astype(jnp.int32)),
-        "flagged_malicious": jnp.sum((flagged & is_mal).astype(jnp.int32)),
-        "flagged_benign": jnp.sum((flagged & ~is_mal).astype(jnp.int32)),
+        "num_malicious": det.num_malicious,
+        "flagged_malicious": det.flagged_malicious,
+        "flagged_benign": det.flagged_benign,
         "nonfinite_clients": jnp.sum(nonfinite.astype(jnp.int32)),
         "uplink_bits": uplink,
         "downlink_bits": jnp.float32(dense_bits * num_k),
         "update_norm": jnp.linalg.norm(agg_out.update),
         **{f"agg/{k}": v for k, v in agg_out.diagnostics.items()},
+        **{f"agg/{k}": v for k, v in selection_escape_metrics(
+            aggregator, agg_out.acceptance, is_mal).items()},
     }
     return new_state, metrics
 

@@ -1,20 +1,25 @@
-"""Escape-ratio diagnostics (hybrid_sparse_attack.txt section 2.4; private).
+"""Escape ratios (hybrid_sparse_attack.txt section 2.4; ALGORITHMS.md section 7).
 
-ALGORITHMS.md section 7. The escape ratio measures how much of the
-malicious input passes a rule's elimination stage:
+The escape ratio measures how much of the malicious input passes a rule's
+elimination stage:
 
 * selection rules (Krum, Multi-Krum, Bulyan's first stage, ...): the share of
-  the malicious clients selected, ``k_m^sel / k_m``;
+  the malicious clients selected, ``k_m^sel / k_m``
+  (:func:`selection_escape_ratio`, from the rule's acceptance; the round step
+  computes it for every rule whose
+  :attr:`~fedjax_sparse.aggregators.Aggregator.selection_escape` names it);
 * trimmed mean: malicious values not trimmed over all malicious values,
-  ``sum_j n_j^m / (k_m d)``;
+  ``sum_j n_j^m / (k_m d)`` (:func:`trimmed_escape_ratio`);
 * coordinate median: the share of coordinates whose median comes from a
-  malicious client, ``sum_j n_j^m / d`` with ``n_j^m in {0, 1}``.
+  malicious client, ``sum_j n_j^m / d`` with ``n_j^m in {0, 1}``
+  (:func:`median_escape_ratio`).
 
-The rules use ``ctx.extra["malicious"]`` for these diagnostics only; it never
-enters a decision. Everything is computed against the order statistics the
-rule already has (the lowest and highest kept values, or the middle values),
-in one fused pass over the ``K`` rows, instead of carrying a permutation
-through the sorting network.
+The malicious flags are ground truth (``RoundContext.malicious``), for these
+diagnostics only; they never enter a rule's decision. The coordinate-wise
+ratios need per-coordinate order statistics that only the rule has, so the
+rule calls them with its lowest and highest kept values (or its middle
+values), and they count in one fused pass over the ``K`` rows instead of
+carrying a permutation through the sorting network.
 
 Ties (ours): order statistics do not say which of several equal values was
 kept. A value strictly between the lowest and the highest kept value is kept;
@@ -27,8 +32,8 @@ malicious client with probability ``m / n``; for an even number of values the
 median averages two slots and a coordinate counts when either slot is
 malicious: ``1 - (1 - m_lo/n_lo)(1 - m_hi/n_hi)`` for two different values,
 ``1 - (n-m)(n-m-1) / (n(n-1))`` when both slots hold the same value. NaN
-counts as ``+inf``, as in :mod:`._order_stats`. With no malicious value (or
-no coordinate) the ratio is 0.
+counts as ``+inf``, as in the rules' order statistics. With no malicious
+value (or no coordinate) the ratio is 0.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+# A cycle through the package __init__s (the rules import this module), safe
+# because neither side uses the other at import time.
 from fedjax_sparse.aggregators import _order_stats
 
 Array = jax.Array
@@ -114,7 +121,7 @@ def _field_counts(x: Array, valid: Optional[Array], preds, fields) -> list[Array
 
 def _dense_trimmed_counts(x: Array, lo: Array, hi: Array,
                           malicious: Array) -> list[Array]:
-  """The counts of :func:`trimmed_parts` for dense values, in one fused loop.
+  """The counts of :func:`trimmed_escape_parts` for dense values, in one fused loop.
 
   Per coordinate, over the ``K <= 255`` rows: values ``<= lo``, ``== lo``,
   ``>= hi``, ``== hi``; of the malicious rows: values strictly between ``lo``
@@ -150,9 +157,10 @@ def _total(per_coordinate: Array) -> Array:
 
   The vector is materialised first: a reduction that fused the whole loop
   over the rows as its input ran 20x slower on XLA:CPU (29 ms instead of
-  1.4 ms at K = 25, d = 270k); see :func:`._order_stats.materialize`. Only
-  one vector at a time: materialising a stack of several made XLA compute
-  the loop once per stacked operand.
+  1.4 ms at K = 25, d = 270k); see
+  :func:`fedjax_sparse.aggregators._order_stats.materialize`. Only one vector
+  at a time: materialising a stack of several made XLA compute the loop once
+  per stacked operand.
   """
   return jnp.sum(_order_stats.materialize(per_coordinate))
 
@@ -163,32 +171,33 @@ def _ratio(num: Array, den: Array) -> Array:
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def selection(accepted: Array, malicious: Array) -> Array:
+def selection_escape_ratio(accepted: Array, malicious: Array) -> Array:
   """Share of the malicious clients accepted: ``k_m^sel / k_m`` (0 if ``k_m = 0``).
 
   Args:
     accepted: ``f32[K]`` acceptance (a client counts when it is > 0).
     malicious: ``bool[K]``.
   """
-  mal = malicious.astype(jnp.float32)
-  return _ratio(jnp.sum(mal * (accepted > 0)), jnp.sum(mal))
+  mal = jnp.asarray(malicious).astype(jnp.float32)
+  return _ratio(jnp.sum(mal * (jnp.asarray(accepted) > 0)), jnp.sum(mal))
 
 
-def trimmed(x: Array, lo: Array, hi: Array, n_low, n_high, malicious: Array,
-            valid: Optional[Array] = None) -> Array:
+def trimmed_escape_ratio(x: Array, lo: Array, hi: Array, n_low, n_high,
+                         malicious: Array,
+                         valid: Optional[Array] = None) -> Array:
   """Escape ratio of a trimmed mean: malicious values kept / malicious values.
 
-  :func:`trimmed_parts` (its arguments and conventions), summed over the
-  coordinates.
+  :func:`trimmed_escape_parts` (its arguments and conventions), summed over
+  the coordinates.
   """
-  kept, den = trimmed_parts(x, lo, hi, n_low, n_high, malicious, valid)
+  kept, den = trimmed_escape_parts(x, lo, hi, n_low, n_high, malicious, valid)
   return _ratio(_total(kept), den)
 
 
-def trimmed_parts(x: Array, lo: Array, hi: Array, n_low, n_high,
-                  malicious: Array, valid: Optional[Array] = None
-                  ) -> tuple[Array, Array]:
-  """Per-coordinate numerator and the denominator of :func:`trimmed`.
+def trimmed_escape_parts(x: Array, lo: Array, hi: Array, n_low, n_high,
+                         malicious: Array, valid: Optional[Array] = None
+                         ) -> tuple[Array, Array]:
+  """Per-coordinate numerator and denominator of :func:`trimmed_escape_ratio`.
 
   Per coordinate ``j`` the kept values are the ranks ``n_low .. n_j -
   n_high - 1`` of the ``n_j`` valid values; ``lo``/``hi`` are the values at the
@@ -197,7 +206,8 @@ def trimmed_parts(x: Array, lo: Array, hi: Array, n_low, n_high,
   Args:
     x: ``f32[K, d]`` the values the rule sorted.
     lo, hi: ``f32[d]`` lowest and highest kept order statistics
-      (materialised: see :func:`coordinate_trimmed_mean`).
+      (materialised: see the trimmed mean's
+      :func:`~fedjax_sparse.aggregators.trimmed_mean.trimmed_mean_and_escape`).
     n_low, n_high: values trimmed below and above (ints or ``int32[d]``).
     malicious: ``bool[K]``.
     valid: optional ``bool[K, d]`` (mask-aware rules: the contributors); all
@@ -206,7 +216,7 @@ def trimmed_parts(x: Array, lo: Array, hi: Array, n_low, n_high,
   Returns:
     ``(kept f32[d], den f32)``: the malicious values kept in each
     coordinate (not materialised: a caller may fuse it with the statistic
-    it reports, see :mod:`.bulyan`), and ``sum_j malicious valid`` (for
+    it reports, see :func:`value_and_escape_ratio`), and ``sum_j malicious valid`` (for
     dense inputs ``k_m d``); the escape ratio is ``sum_j kept_j / den``.
   """
   d = x.shape[1]
@@ -246,9 +256,9 @@ def trimmed_parts(x: Array, lo: Array, hi: Array, n_low, n_high,
   return kept, den
 
 
-def median(x: Array, lo: Array, hi: Array, same_slot, malicious: Array,
-           valid: Optional[Array] = None,
-           count: Optional[Array] = None) -> Array:
+def median_escape_ratio(x: Array, lo: Array, hi: Array, same_slot,
+                        malicious: Array, valid: Optional[Array] = None,
+                        count: Optional[Array] = None) -> Array:
   """Share of coordinates whose median comes from a malicious client.
 
   Args:
@@ -283,8 +293,8 @@ def median(x: Array, lo: Array, hi: Array, same_slot, malicious: Array,
   return _ratio(_total(jnp.where(has, p, 0.0)), jnp.sum(has, dtype=f32))
 
 
-def value_and_ratio(value: Array, numerator: Array,
-                    den: Array) -> tuple[Array, Array]:
+def value_and_escape_ratio(value: Array, numerator: Array,
+                           den: Array) -> tuple[Array, Array]:
   """``(value, escape ratio)`` out of one fusion with the order statistics.
 
   ``value`` (the rule's output, ``f32[d]``) and ``numerator`` (the escape
@@ -294,86 +304,29 @@ def value_and_ratio(value: Array, numerator: Array,
   and highest kept values two more (Bulyan at K = 100: 12k HLO lines and
   up to 15 s of compiling on the loaded 2-core machine). Packed as the real
   and imaginary parts of one ``complex64`` vector they leave a single
-  fusion. :func:`._order_stats.materialize` adds 0 to both parts, as it did
-  to each (``-0.0`` becomes ``+0.0``); the values are the same bits as
-  before. Used by Bulyan's stage 2 (see the note above
-  :func:`coordinate_median` for the rules that do not).
+  fusion. ``_order_stats.materialize`` adds 0 to both parts, as it did to
+  each (``-0.0`` becomes ``+0.0``); the values are the same bits as before.
+  Used by Bulyan's stage 2 (the coordinate-wise median and trimmed mean do
+  not: see the note in :mod:`fedjax_sparse.aggregators.trimmed_mean`).
   """
   packed = _order_stats.materialize(jax.lax.complex(value, numerator))
   return jnp.real(packed), _ratio(jnp.sum(jnp.imag(packed)), den)
 
 
-# ------------------------------------------------------------------------
-# Coordinate-wise rules with their escape ratio. The rule's value is computed
-# exactly as in :mod:`._order_stats` (same function, same bits); the order
-# statistics the escape ratio needs are each computed into their own buffer
-# with :func:`._order_stats.materialize` before the counting loop reads them.
-# Measured on XLA:CPU (jax 0.10): ``optimization_barrier`` did not keep the
-# sorting network out of the counting loop's fusion, and once inside it the
-# network was re-evaluated per use (K = 100, d = 2000: 3 s a call instead of
-# 1 ms); materialising several statistics in one fusion (a variadic reduce,
-# or a while loop's state) did the same. A reduction per statistic evaluates
-# its cone of the network once per coordinate, which costs up to two more
-# passes of the network for the trimmed mean (lowest and highest kept value).
-# (Bulyan's stage 2 instead leaves its network's fusion once, see
-# value_and_ratio: its network is smaller. For the coordinate-wise median
-# and trimmed mean at K = 100 that one fusion ran slower (median: 0.16 s
-# against 0.12 s a call) or compiled for 32 s (trimmed mean: 5.5k lines in
-# one fusion; XLA:CPU's compile time grows much faster than a fusion's
-# size); packing only their two materialised order statistics into one
-# complex64 buffer compiled one network fewer but ran 30-50% slower. So
-# they keep this layout.)
+def selection_escape_metrics(aggregator, acceptance: Array,
+                             malicious: Array) -> dict:
+  """The selection escape ratio a rule names, as the round step records it.
 
+  Args:
+    aggregator: an :class:`~fedjax_sparse.aggregators.Aggregator`.
+    acceptance: ``f32[K]``, its ``AggOut.acceptance``.
+    malicious: ``bool[K]`` ground truth.
 
-def coordinate_median(x: Array, malicious: Array,
-                      contrib: Optional[Array] = None) -> tuple[Array, Array]:
-  """``(median f32[d], escape ratio)``; see :func:`._order_stats.coordinate_median`.
-
-  For an odd K the median is the one order statistic the escape ratio needs
-  (no extra cost but the counting loop); for an even K each middle value is
-  computed into its own buffer (its cone of the network runs once more).
+  Returns:
+    ``{aggregator.selection_escape: selection_escape_ratio(acceptance,
+    malicious)}``, or ``{}`` for a rule whose acceptance is not a selection.
   """
-  k = x.shape[0]
-  if contrib is None:
-    lo_pos, hi_pos = (k - 1) // 2, k // 2
-    rows = _order_stats.sort_rows(x, (lo_pos, hi_pos))
-    if k % 2:
-      lo = _order_stats.materialize(rows[lo_pos])
-      return lo, median(x, lo, lo, True, malicious)
-    lo = _order_stats.materialize(rows[lo_pos])
-    hi = _order_stats.materialize(rows[hi_pos])
-    med = _order_stats.materialize(0.5 * lo + 0.5 * hi)
-    return med, median(x, lo, hi, False, malicious)
-  filled, count, pad = _order_stats._balanced_infinities(x, contrib)
-  window = tuple(range(max(0, (k - 3) // 2), k // 2 + 1))
-  rows = _order_stats._sort_filled(filled, window)
-  lo = _order_stats.materialize(
-      _order_stats._pick(rows, pad + (count - 1) // 2, window))
-  hi = _order_stats.materialize(_order_stats._pick(rows, pad + count // 2, window))
-  med = _order_stats.materialize(jnp.where(count > 0, 0.5 * lo + 0.5 * hi, 0.0))
-  return med, median(x, lo, hi, count % 2 == 1, malicious, contrib, count)
-
-
-def coordinate_trimmed_mean(x: Array, b: Optional[int], malicious: Array,
-                            contrib: Optional[Array] = None,
-                            beta: Optional[float] = None) -> tuple[Array, Array]:
-  """``(trimmed mean f32[d], escape ratio)``; see :func:`._order_stats.coordinate_trimmed_mean`."""
-  k = x.shape[0]
-  tm = _order_stats.coordinate_trimmed_mean(x, b, contrib, beta)
-  if contrib is None:
-    rows = _order_stats.sort_rows(x, (b, k - b - 1))
-    lo = _order_stats.materialize(rows[b])
-    hi = _order_stats.materialize(rows[k - b - 1])
-    return tm, trimmed(x, lo, hi, b, b, malicious)
-  filled, count, pad = _order_stats._balanced_infinities(x, contrib)
-  rows = _order_stats._sort_filled(filled)
-  if beta is not None:
-    bj = jnp.floor(beta * count.astype(jnp.float32)).astype(jnp.int32)
-  else:
-    bj = jnp.full_like(count, b)
-  bj = jnp.minimum(bj, jnp.maximum(count - 1, 0) // 2)
-  positions = tuple(range(k))
-  lo = _order_stats.materialize(_order_stats._pick(rows, pad + bj, positions))
-  hi = _order_stats.materialize(
-      _order_stats._pick(rows, pad + count - bj - 1, positions))
-  return tm, trimmed(x, lo, hi, bj, bj, malicious, contrib)
+  name = aggregator.selection_escape
+  if name is None:
+    return {}
+  return {name: selection_escape_ratio(acceptance, malicious)}
