@@ -211,6 +211,32 @@ def _pick(rows: Sequence[Optional[Array]], index: Array,
   return out
 
 
+def closest_window(rows: Sequence[Array], beta: int) -> tuple[Array, Array]:
+  """Start ``int32[d]`` of the ``beta``-window of sorted ``rows`` closest to
+  the median (Bulyan's stage 2, Meamed).
+
+  ``rows``: the ``theta`` sorted values per coordinate (``f32[d]`` each).
+  The cost of a window is the distance of its farther end from the median
+  (NaN as ``inf``); of equal costs the lower window wins. Returns
+  ``(start, median)``.
+  """
+  theta = len(rows)
+  lo, hi = (theta - 1) // 2, theta // 2
+  med = rows[lo] if theta % 2 else 0.5 * rows[lo] + 0.5 * rows[hi]
+  best = jnp.zeros(med.shape, jnp.int32)
+  best_cost = None
+  for s in range(theta - beta + 1):
+    cost = jnp.maximum(med - rows[s], rows[s + beta - 1] - med)
+    cost = jnp.where(jnp.isnan(cost), jnp.inf, cost)
+    if best_cost is None:
+      best_cost = cost
+      continue
+    better = cost < best_cost  # strict: the lower window wins ties
+    best = jnp.where(better, s, best)
+    best_cost = jnp.where(better, cost, best_cost)
+  return best, med
+
+
 def _balanced_infinities(x: Array, contrib: Array) -> tuple[list[Array], Array, Array]:
   """Fills non-contributors with ``-inf``/``+inf`` in equal numbers.
 

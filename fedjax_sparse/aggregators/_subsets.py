@@ -46,6 +46,15 @@ def check_majority(k: int, f: int, name: str) -> None:
         "(--num_byzantine, or the rule's f) or sample more clients per round")
 
 
+def majority_f(f, ctx, k: int, name: str) -> int:
+  """The ``f`` a rule assumes (``f``, or ``ctx.num_byzantine`` for None),
+  checked against ``2f < K`` (:func:`check_majority`)."""
+  from fedjax_sparse.aggregators import _common
+  f_ = _common.resolve_f(f, ctx)
+  check_majority(k, f_, name)
+  return f_
+
+
 def check_max_subsets(max_subsets: int, name: str) -> None:
   if isinstance(max_subsets, bool) or not isinstance(max_subsets, int) \
       or max_subsets < 1:
@@ -198,15 +207,14 @@ def selection_rule(name: str, select, f, max_subsets: int, score_name: str,
   shared aggregation, and the diagnostics hold ``score_fn(score)`` under
   ``score_name`` and ``exact``; the rule's ``selection_escape`` is
   ``escape_ratio``."""
-  from fedjax_sparse.aggregators import _common, _distances
+  from fedjax_sparse.aggregators import _distances
   from fedjax_sparse.aggregators.base import AggOut, stateless
   check_max_subsets(max_subsets, name)
 
   def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
-    f_ = _common.resolve_f(f, ctx)
-    check_majority(k, f_, name)
+    f_ = majority_f(f, ctx, k, name)
     d2, ok = _distances.pairwise_sq_dists(updates)
     sel, score, is_exact = select(d2, ok, k - f_, max_subsets)
     acceptance = sel * ok.astype(sel.dtype)

@@ -147,29 +147,6 @@ def iterated_krum(d2: Array, f: int, theta: int) -> tuple[Array, Array]:
   return selected, first
 
 
-def _closest_window(rows: list[Array], beta: int) -> tuple[Array, Array]:
-  """Start ``int32[d]`` of the ``beta``-window of sorted ``rows`` closest to the median.
-
-  ``rows``: the ``theta`` sorted values per coordinate (``f32[d]`` each).
-  Returns ``(start, median)``.
-  """
-  theta = len(rows)
-  lo, hi = (theta - 1) // 2, theta // 2
-  med = rows[lo] if theta % 2 else 0.5 * rows[lo] + 0.5 * rows[hi]
-  best = jnp.zeros(med.shape, jnp.int32)
-  best_cost = None
-  for s in range(theta - beta + 1):
-    cost = jnp.maximum(med - rows[s], rows[s + beta - 1] - med)
-    cost = jnp.where(jnp.isnan(cost), jnp.inf, cost)
-    if best_cost is None:
-      best_cost = cost
-      continue
-    better = cost < best_cost  # strict: the lower window wins ties
-    best = jnp.where(better, s, best)
-    best_cost = jnp.where(better, cost, best_cost)
-  return best, med
-
-
 def closest_to_median_mean(x: Array, beta: int,
                            malicious: Optional[Array] = None
                            ) -> tuple[Array, Optional[Array]]:
@@ -194,7 +171,7 @@ def closest_to_median_mean(x: Array, beta: int,
       esc = jnp.where(jnp.any(malicious), 1.0, 0.0).astype(jnp.float32)
     return mean, esc
   rows = _order_stats.sort_rows(x)
-  start, _ = _closest_window(rows, beta)
+  start, _ = _order_stats.closest_window(rows, beta)
   total = None
   for r, row in enumerate(rows):
     term = jnp.where((r >= start) & (r < start + beta), row, 0.0)

@@ -126,8 +126,7 @@ def caf(f: Optional[int] = None) -> Aggregator:
   def apply(updates, masks, weights, key, ctx):
     del weights, key
     k = updates.shape[0]
-    f_ = _common.resolve_f(f, ctx)
-    _subsets.check_majority(k, f_, "caf")
+    f_ = _subsets.majority_f(f, ctx, k, "caf")
     d2, ok = _distances.pairwise_sq_dists(updates)
     c, lam, passes = filter_weights(d2, ok, f_)
     update = _common.combine_accepted(updates, masks, jnp.ones((k,), c.dtype),

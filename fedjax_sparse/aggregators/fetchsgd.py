@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sparse.aggregators.base import AggOut, Aggregator
-from fedjax_sparse.aggregators.clipping import check_clip_config, clip_step
+from fedjax_sparse.aggregators.clipping import check_clip_config
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.aggregators.sparsefed import (check_rho, check_topk_method,
-                                                client_mean)
+                                                clipped_mean)
 from fedjax_sparse.sparsify import (CountSketch, check_k_spec, check_sketch_config,
                                     resolve_k, topk_mask)
 
@@ -124,11 +124,10 @@ def fetchsgd(rows: int = 5, cols: Optional[int] = None, k=None, rho: float = 0.9
     del key
     d = updates.shape[1]
     kk = resolve_k(k, d)
-    clipped, scale, lim = clip_step(updates, clip_norm, ctx, adaptive_clip,
-                                    lr_schedule)
     del masks  # clients upload sketches of their dense updates
-    u, acceptance = client_mean(clipped, None, weights, weighted, False, 1,
-                                ctx.finite_uploads)
+    u, acceptance, diagnostics = clipped_mean(
+        updates, None, weights, ctx, clip_norm, adaptive_clip, lr_schedule,
+        weighted, False)
     if mode == "sketch":
       sk = make_sketch(d)
       momentum = rho * state.momentum + sk.sketch(u)
@@ -149,9 +148,7 @@ def fetchsgd(rows: int = 5, cols: Optional[int] = None, k=None, rho: float = 0.9
       delta = jnp.where(selected, error, 0.0)
       error = jnp.where(selected, 0.0, error)
       momentum = jnp.where(selected, 0.0, momentum)
-    diagnostics = {"clip_scale": scale,
-                   "clip_norm": jnp.asarray(lim, jnp.float32),
-                   "error_norm": jnp.linalg.norm(error)}
+    diagnostics["error_norm"] = jnp.linalg.norm(error)
     return AggOut(delta, acceptance, diagnostics), FetchSGDState(momentum, error)
 
   return Aggregator(init, apply)

@@ -41,7 +41,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _order_stats, _subsets
+from fedjax_sparse.aggregators import _order_stats, _subsets
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
@@ -63,19 +63,7 @@ def mean_around_median(x: Array, n: int) -> Array:
   if not 1 <= n <= k:
     raise ValueError(f"meamed: n must be in [1, K={k}], got {n}")
   rows = _order_stats.sort_rows(x)
-  lo, hi = (k - 1) // 2, k // 2
-  med = rows[lo] if k % 2 else 0.5 * rows[lo] + 0.5 * rows[hi]
-  start = jnp.zeros(med.shape, jnp.int32)
-  best = None
-  for s in range(k - n + 1):
-    cost = jnp.maximum(med - rows[s], rows[s + n - 1] - med)
-    cost = jnp.where(jnp.isnan(cost), jnp.inf, cost)
-    if best is None:
-      best = cost
-      continue
-    better = cost < best  # strict: the lower window wins ties
-    start = jnp.where(better, s, start)
-    best = jnp.where(better, cost, best)
+  start, _ = _order_stats.closest_window(rows, n)
   total, count = None, None
   for r, row in enumerate(rows):
     use = (r >= start) & (r < start + n) & jnp.isfinite(row)
@@ -101,8 +89,7 @@ def meamed(f: Optional[int] = None) -> Aggregator:
   def apply(updates, masks, weights, key, ctx):
     del masks, weights, key
     k = updates.shape[0]
-    f_ = _common.resolve_f(f, ctx)
-    _subsets.check_majority(k, f_, "meamed")
+    f_ = _subsets.majority_f(f, ctx, k, "meamed")
     update = mean_around_median(updates, k - f_)
     return AggOut(update, jnp.ones((k,), jnp.float32), {})
 

@@ -47,7 +47,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from fedjax_sparse.aggregators import _common, _distances, _subsets
+from fedjax_sparse.aggregators import _distances, _subsets
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.registry import register
 
@@ -72,8 +72,7 @@ def monna(f: Optional[int] = None, pivot: Optional[int] = 0) -> Aggregator:
   def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
-    f_ = _common.resolve_f(f, ctx)
-    _subsets.check_majority(k, f_, "monna")
+    f_ = _subsets.majority_f(f, ctx, k, "monna")
     if pivot is not None and pivot >= k:
       raise ValueError(f"monna: pivot={pivot} is not a row of the K={k} "
                        "updates; pass pivot < K (or None)")

@@ -110,6 +110,25 @@ def client_mean(clipped: Array, masks, weights: Array, weighted: bool,
                         pack_size, assume_finite)
 
 
+def clipped_mean(updates: Array, masks, weights: Array, ctx, clip_norm: float,
+                 adaptive_clip: bool, lr_schedule: Optional[Callable],
+                 weighted: bool, mask_aware: bool) -> tuple[Array, Array, dict]:
+  """The first steps of SparseFed and FetchSGD: every row clipped to ``L``
+  (:func:`~fedjax_sparse.aggregators.clipping.clip_step`), then their mean
+  (:func:`client_mean`).
+
+  Returns:
+    ``(u f32[d], acceptance f32[K], diagnostics)``, the diagnostics
+    ``clip_scale`` (``f32[K]``) and ``clip_norm`` (the bound used).
+  """
+  clipped, scale, lim = clip_step(updates, clip_norm, ctx, adaptive_clip,
+                                  lr_schedule)
+  u, acceptance = client_mean(clipped, masks, weights, weighted, mask_aware,
+                              ctx.pack_size, ctx.finite_uploads)
+  return u, acceptance, {"clip_scale": scale,
+                         "clip_norm": jnp.asarray(lim, jnp.float32)}
+
+
 @register("sparsefed")
 def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
               adaptive_clip: bool = False,
@@ -152,19 +171,16 @@ def sparsefed(clip_norm: float = math.inf, k=None, rho: float = 0.9,
     del key
     d = updates.shape[1]
     kk = resolve_k(k, d)
-    clipped, scale, lim = clip_step(updates, clip_norm, ctx, adaptive_clip,
-                                    lr_schedule)
-    u, acceptance = client_mean(clipped, masks, weights, weighted, mask_aware,
-                                ctx.pack_size, ctx.finite_uploads)
+    u, acceptance, diagnostics = clipped_mean(
+        updates, masks, weights, ctx, clip_norm, adaptive_clip, lr_schedule,
+        weighted, mask_aware)
     momentum = rho * state.momentum + u
     error = state.error + momentum
     selected = topk_mask(error, kk, topk_method)
     delta = jnp.where(selected, error, 0.0)
     error = error - delta
     momentum = jnp.where(selected, 0.0, momentum)
-    diagnostics = {"clip_scale": scale,
-                   "clip_norm": jnp.asarray(lim, jnp.float32),
-                   "error_norm": jnp.linalg.norm(error)}
+    diagnostics["error_norm"] = jnp.linalg.norm(error)
     return AggOut(delta, acceptance, diagnostics), SparseFedState(momentum, error)
 
   return Aggregator(init, apply)

@@ -30,6 +30,7 @@ cannot be simulated and are refused when the attack is built.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -79,9 +80,25 @@ def line_search(objective, start: float, delta: float, ratio: float,
   return best_x, best_y
 
 
-def _make(direction: str, aggregator, num_byzantine: int, topk_ratio: float,
-          pack_size: int, evals: int, start: float, delta: float,
-          ratio: float) -> UpdateAttack:
+def optimal_attack(direction: str, aggregator: Any = None,
+                   num_byzantine: int = 0, topk_ratio: float = 1.0,
+                   pack_size: int = 1, evals: int = 20, start: float = 0.0,
+                   delta: float = 10.0, ratio: float = 0.8) -> UpdateAttack:
+  """Optimal IPM or ALIE: the attack factor searched against the deployed
+  rule (the registered ``optimal_ipm`` and ``optimal_alie`` are this with
+  ``direction`` set).
+
+  Args:
+    direction: ``"ipm"`` (attackers upload ``-tau mu``) or ``"alie"``
+      (``mu + tau sigma``).
+    aggregator: the run's rule (an ``Aggregator``; given by the run).
+    num_byzantine: ``f`` the rule is told (given by the run).
+    topk_ratio, pack_size: the run's pack top-k (1: dense uploads).
+    evals, start, delta, ratio: the line search (ByzFL's defaults).
+  """
+  if direction not in DIRECTIONS:
+    raise ValueError(f"unknown direction {direction!r}; choose one of "
+                     f"{', '.join(DIRECTIONS)}")
   if aggregator is None:
     raise ValueError(f"optimal_{direction} needs the run's aggregator "
                      "(aggregator=...); the run passes it")
@@ -147,31 +164,13 @@ def _make(direction: str, aggregator, num_byzantine: int, topk_ratio: float,
   return UpdateAttack(init, apply)
 
 
-@register_update("optimal_ipm")
-@declare(AGGREGATOR)
-def optimal_ipm(aggregator: Any = None, num_byzantine: int = 0,
-                topk_ratio: float = 1.0, pack_size: int = 1, evals: int = 20,
-                start: float = 0.0, delta: float = 10.0,
-                ratio: float = 0.8) -> UpdateAttack:
-  """IPM (``-tau mu``) with ``tau`` searched against the deployed rule.
+optimal_ipm = functools.partial(optimal_attack, "ipm")
+optimal_ipm.__doc__ = """IPM (``-tau mu``) with ``tau`` searched against the
+deployed rule; the arguments of :func:`optimal_attack` but ``direction``."""
+register_update("optimal_ipm", declare(AGGREGATOR)(optimal_ipm))
 
-  Args:
-    aggregator: the run's rule (an ``Aggregator``; given by the run).
-    num_byzantine: ``f`` the rule is told (given by the run).
-    topk_ratio, pack_size: the run's pack top-k (1: dense uploads).
-    evals, start, delta, ratio: the line search (ByzFL's defaults).
-  """
-  return _make("ipm", aggregator, num_byzantine, topk_ratio, pack_size, evals,
-               start, delta, ratio)
-
-
-@register_update("optimal_alie")
-@declare(AGGREGATOR)
-def optimal_alie(aggregator: Any = None, num_byzantine: int = 0,
-                 topk_ratio: float = 1.0, pack_size: int = 1, evals: int = 20,
-                 start: float = 0.0, delta: float = 10.0,
-                 ratio: float = 0.8) -> UpdateAttack:
-  """ALIE (``mu + tau sigma``) with ``tau`` searched against the deployed
-  rule. Arguments as :func:`optimal_ipm`."""
-  return _make("alie", aggregator, num_byzantine, topk_ratio, pack_size, evals,
-               start, delta, ratio)
+optimal_alie = functools.partial(optimal_attack, "alie")
+optimal_alie.__doc__ = """ALIE (``mu + tau sigma``) with ``tau`` searched
+against the deployed rule; the arguments of :func:`optimal_attack` but
+``direction``."""
+register_update("optimal_alie", declare(AGGREGATOR)(optimal_alie))
