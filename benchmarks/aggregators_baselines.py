@@ -11,6 +11,7 @@ import numpy as np
 
 from fedjax_sparse.testing import aggregator_refs as refs
 from fedjax_sparse.testing import byzfl as byzfl_loader
+from fedjax_sparse.testing.signguard_ref import signguard_ref
 
 BYZFL = byzfl_loader.load()
 
@@ -145,6 +146,9 @@ def numpy_rule(name, u, w, f, aux):
   if name == "caf":  # unweighted: the filter's weights only
     c, _ = refs.np_caf(u, f, dtype=F32)
     return refs.np_combine(u, None, np.ones(k, F32), c, 1, F32)
+  if name == "signguard":  # sklearn's MeanShift on 10% of the coordinates
+    cols = aux["rng"].choice(d, max(1, int(0.1 * d)), replace=False)
+    return signguard_ref(u, None, w, np.sort(cols))["update"]
   raise KeyError(f"no numpy reference for {name!r}")
 
 

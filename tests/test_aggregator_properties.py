@@ -145,6 +145,8 @@ CLAIMS = {
     "foolsgold": Claim(hp=(("num_clients", K),), bound="finite",
                        why="weights from the direction of histories"),
     "rlr": Claim(bound="finite", why="a mean with sign-flipped coordinates"),
+    "signguard": Claim(bound="norm",
+                       why="accepted rows clipped to the median norm"),
     "mda": Claim(why="the K - f rows of smallest diameter are honest when the "
                      "outliers are far"),
     "smea": Claim(why="the K - f rows of smallest covariance are honest when "

@@ -216,4 +216,4 @@ def signguard(lower_bound: float = 0.1, upper_bound: float = 3.0,
                    "fallback": fallback.astype(jnp.int32)}
     return AggOut(update, acceptance, diagnostics)
 
-  return stateless(apply)
+  return stateless(apply, selection_escape="escape_ratio")
