@@ -85,3 +85,13 @@ def test_cpu_devices_from_the_environment(monkeypatch):
   monkeypatch.setenv("FEDJAX_SPARSE_CPU_DEVICES", "zero")
   with pytest.raises(ValueError, match="FEDJAX_SPARSE_CPU_DEVICES"):
     devices.use_cpu_devices()
+
+
+def test_patient_collectives_flags():
+  from fedjax_sparse.simulation import devices
+  out = devices.patient_collectives("--xla_foo=1", "0.10.2")
+  assert out.startswith("--xla_foo=1 ")
+  assert all(f in out for f in devices.PATIENT_COLLECTIVES)
+  assert devices.patient_collectives(out, "0.10.2") == out  # once only
+  assert devices.patient_collectives("", "0.4.30") == ""  # unknown flags
+  assert devices.patient_collectives("", "dev") == ""

@@ -16,10 +16,33 @@ from typing import Optional
 import jax
 
 
+# Under load, one CPU device's thread can reach a collective (the client
+# split's all-gather) tens of seconds after the other; XLA aborts the process
+# after 40 s by default. Known to jaxlib 0.10 (an unknown flag is fatal).
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds="
+                       "3600", "--xla_cpu_collective_call_warn_stuck_timeout"
+                       "_seconds=300")
+
+
+def patient_collectives(xla_flags: str, jaxlib_version: str) -> str:
+  """``xla_flags`` with the CPU collectives' abort put off to an hour, on
+  jaxlib >= 0.10 and where the flags do not set it already."""
+  try:
+    major, minor = (int(x) for x in jaxlib_version.split(".")[:2])
+  except ValueError:
+    return xla_flags
+  if (major, minor) < (0, 10):
+    return xla_flags
+  add = [f for f in PATIENT_COLLECTIVES if f.split("=")[0] not in xla_flags]
+  return " ".join([xla_flags] + add).strip() if add else xla_flags
+
+
 def use_cpu_devices(n: Optional[int] = None) -> int:
   """Asks for ``n`` host CPU devices (default: one per core).
 
-  Only the CPU platform is affected. Must run before any JAX operation; if the
+  Only the CPU platform is affected. With several devices, XLA's abort of a
+  collective that one device reaches late is put off to an hour
+  (:func:`patient_collectives`). Must run before any JAX operation; if the
   backends are already initialised, the existing devices are kept and a
   warning says so.
 
@@ -38,6 +61,14 @@ def use_cpu_devices(n: Optional[int] = None) -> int:
                        f"got {env!r}")
     n = int(env)
   n = n or os.cpu_count() or 1
+  if n > 1:  # read when the backends start (no effect once they have)
+    from importlib import metadata
+    try:
+      version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+      version = ""
+    os.environ["XLA_FLAGS"] = patient_collectives(
+        os.environ.get("XLA_FLAGS", ""), version)
   try:
     jax.config.update("jax_num_cpu_devices", int(n))
   except RuntimeError:
