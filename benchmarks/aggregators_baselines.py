@@ -146,7 +146,7 @@ def numpy_rule(name, u, w, f, aux):
   if name == "caf":  # unweighted: the filter's weights only
     c, _ = refs.np_caf(u, f, dtype=F32)
     return refs.np_combine(u, None, np.ones(k, F32), c, 1, F32)
-  if name == "signguard":  # sklearn's MeanShift on 10% of the coordinates
+  if name == "signguard":  # sklearn MeanShift; its own random 10% of coordinates
     cols = aux["rng"].choice(d, max(1, int(0.1 * d)), replace=False)
     return signguard_ref(u, None, w, np.sort(cols))["update"]
   raise KeyError(f"no numpy reference for {name!r}")

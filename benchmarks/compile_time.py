@@ -4,7 +4,7 @@ Target (issue #15, item 5): lowering + compilation + the first call of every
 rule at K = 100 clients under 5 s. Each rule is given its context as in
 :mod:`benchmarks.aggregators` (standard normal dense updates ``f32[K, d]``,
 d = 270k, weights U(1, 100), ``f = K // 5``, no layout; FLTrust's
-``server_update`` in ``ctx.extra``, FedNova's ``local_steps``, SparseFed and
+``ctx.server_update``, FedNova's ``local_steps``, SparseFed and
 FetchSGD updating 1% of the coordinates, FoolsGold's 100 history rows);
 ``class_aware_masking`` is skipped (it needs a model and a validation set).
 
@@ -20,7 +20,7 @@ on 2026-12-03 the same code compiled 2-3x slower in one run than in another
 at about the same load average, so compare rules within one run, or
 interleave runs of two versions. The rules that report an escape ratio
 (``benchmarks.aggregators.ESCAPE_RULES``) are measured a second time with
-``ctx.extra["malicious"]`` set, as the round step always passes it
+``ctx.malicious`` set, as the round step always passes it
 ("+escape" rows).
 
   python -m benchmarks.compile_time [--quick] [--rules=krum,bulyan]
@@ -42,9 +42,8 @@ import jax
 import jax.numpy as jnp
 
 import fedjax_sparse.aggregators as agg_lib
-from fedjax_sparse.aggregators.base import AggContext
 from fedjax_sparse.simulation import io
-from benchmarks.aggregators import ESCAPE_RULES, SKIP, hparams, make_case
+from benchmarks.aggregators import ESCAPE_RULES, SKIP, context, hparams, make_case
 
 TARGET_S = 5.0
 TARGET = "compile + first call < 5 s at K = 100"
@@ -52,23 +51,10 @@ QUICK_RULES = ("fedavg", "median", "trimmed_mean", "krum", "bulyan", "gas",
                "flguardian")
 
 
-def _context(name, K, f, aux, malicious):
-  extra = {"clients": jnp.arange(K, dtype=jnp.int32), "lr": jnp.float32(1.0)}
-  if malicious:
-    extra["malicious"] = jnp.arange(K) < f
-  if name == "fltrust":
-    extra["server_update"] = jnp.asarray(aux["server_update"])
-  if name == "fednova":
-    extra["local_steps"] = jnp.asarray(aux["local_steps"])
-  return AggContext(round=jnp.int32(0),
-                    global_params=jnp.asarray(aux["global"]), extra=extra,
-                    pack_size=1, num_byzantine=f, num_clients=K)
-
-
 def measure(name, K, d, u, w, aux, malicious=False):
   """One record: lower, compile, first and second call (s) of rule ``name``.
 
-  ``malicious``: ``ctx.extra["malicious"]`` set (the first ``f`` clients), as
+  ``malicious``: ``ctx.malicious`` set (the first ``f`` clients), as
   the round step passes it; the rules of ``ESCAPE_RULES`` then also compute
   their escape ratios.
   """
@@ -76,7 +62,7 @@ def measure(name, K, d, u, w, aux, malicious=False):
   jax.clear_caches()
   agg = agg_lib.get(name)(**hparams(name, d))
   state = agg.init(d)
-  ctx = _context(name, K, f, aux, malicious)
+  ctx = context(name, K, f, aux, malicious)
   key = jax.random.PRNGKey(1)
   load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
@@ -158,7 +144,7 @@ def main():
                       help="parameters per update (default 270k)")
   parser.add_argument("--no_escape", action="store_true",
                       help="skip the second pass of the escape-ratio rules "
-                      "with ctx.extra['malicious'] set")
+                      "with ctx.malicious set")
   parser.add_argument("--out", default="benchmarks/results/compile_time.json",
                       help="where the JSON record goes")
   args = parser.parse_args()
