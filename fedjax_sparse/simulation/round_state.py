@@ -67,7 +67,7 @@ class RoundData(NamedTuple):
       (-1 for benign clients; DBA picks its trigger by it), or None.
     x_server, y_server: data held by the server (FLTrust's root set), or
       None. When given, the server trains on it like a client every round
-      and hands the result to the aggregator as ``ctx.extra["server_update"]``.
+      and hands the result to the aggregator as ``ctx.server_update``.
   """
 
   x: jax.Array
