@@ -31,6 +31,9 @@ Needs:
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
+* :data:`TEST_SPLIT`: the test split, given to a data attack's factory as
+  ``test_x``, ``test_y`` (an attack whose poison is held-out data: the
+  edge-case backdoor's edge cases).
 
 Per-round side inputs need no declaration: they are typed fields of the
 round context (:class:`fedjax_sparse.context.RoundContext`: ``clients``,
@@ -42,6 +45,9 @@ Hooks (functions a factory carries for the metrics layer):
 
 * ``asr_eval_set(attack_kwargs, x, y) -> (x_asr, y_target)``: a backdoor
   attack's triggered test set, whose accuracy is the attack success rate.
+* ``held_out_test_rows(attack_kwargs, x, y) -> int[n]``: the rows of the
+  test split ``x, y`` an attack takes for itself (missing arguments: the
+  factory's defaults); the run leaves them out of its clean test metrics.
 
 Example::
 
@@ -60,8 +66,10 @@ AUX_SET = "aux_set"
 POPULATION = "population"
 SPARSIFIER = "sparsifier"
 AGGREGATOR = "aggregator"
-NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER, AGGREGATOR)
-HOOKS = ("asr_eval_set",)
+TEST_SPLIT = "test_split"
+NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER, AGGREGATOR,
+         TEST_SPLIT)
+HOOKS = ("asr_eval_set", "held_out_test_rows")
 
 _NEEDS_ATTR = "__fedjax_needs__"
 _HOOKS_ATTR = "__fedjax_hooks__"

@@ -13,7 +13,8 @@ Data attacks (``get_data_attack(name)(num_classes, ...)``): ``label_flip``,
 ``pixel_backdoor``, ``dba``, ``semantic_backdoor``,
 ``convergence_prevention``, ``neurotoxin`` (a pixel backdoor trained by
 projected gradient descent off the coordinates of the largest previous
-global update).
+global update), ``edge_case_backdoor`` (tail examples of a source class,
+from the test split, labelled a target class).
 """
 
 from fedjax_sparse.attacks.base import (CHOOSE_MODES, KNOWLEDGE, AttackContext,
@@ -83,3 +84,4 @@ __all__ = [
 ]
 from fedjax_sparse.attacks.neurotoxin import neurotoxin, neurotoxin_mask
 from fedjax_sparse.attacks.optimal import optimal_alie, optimal_ipm
+from fedjax_sparse.attacks.edge_case import edge_case_backdoor, edge_case_split

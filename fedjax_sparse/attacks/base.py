@@ -111,11 +111,16 @@ class DataAttack(NamedTuple):
       Neurotoxin's); ``ctx`` is the client's :class:`AttackContext` with
       ``prev_aggregate`` (last round's aggregated update). None: gradients
       as they are.
+    project: optional ``project(params, global_params, ctx) -> params``
+      (pytrees), applied to the poisoning client's model after every local
+      step (the edge-case backdoor's PGD onto a ball around the global
+      model). None: no projection.
   """
 
   apply: DataApplyFn
   num_classes: int
   grad_mask: Optional[Callable[..., Array]] = None
+  project: Optional[Callable[..., PyTree]] = None
 
 
 def no_state(d: int) -> tuple:

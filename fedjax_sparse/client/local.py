@@ -256,6 +256,9 @@ def make_client_train(apply_fn: Callable, cfg: ClientConfig, n_max: int,
           upd = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), upd)
         new_p = optax.apply_updates(p, upd)
         new_mom = mom
+      if data_attack is not None and data_attack.project is not None:
+        proj = data_attack.project(new_p, global_params, attack_ctx)
+        new_p = jax.tree.map(lambda a, b: jnp.where(poison, a, b), proj, new_p)
       keep = lambda new, old: jax.tree.map(
           lambda a, b: jnp.where(live, a, b), new, old)
       carry = (keep(new_p, p), keep(new_ms, ms) if has_model_state else ms,

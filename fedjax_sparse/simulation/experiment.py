@@ -41,7 +41,9 @@ not including the auxiliary set" (B.5, Table 11); ``summary.json`` then
 says how many test points were evaluated (``test_size``). Runs without
 ``targeted_pgd`` (the ``none`` cells of a sweep) evaluate on the whole test
 split. ``aux_source=train`` draws the set from the attackers' training data
-and evaluates on the whole test split.
+and evaluates on the whole test split. Likewise, the test rows an attack's
+``held_out_test_rows`` hook names (the edge-case backdoor's edge cases) are
+left out of the test metrics.
 
 The unattacked twin (``twin=True``, ALGORITHMS.md section 7) is trained in
 the same jitted step as the attacked run, from the same initial state and
@@ -170,9 +172,11 @@ class Experiment:
             test_x=self.fd.x_test, test_y=self.fd.y_test,
             targeted_aux=self.targeted_aux)
       else:
+        fixed = {"num_classes": self.fd.num_classes}
+        if requirements.TEST_SPLIT in requirements.attack_needs(cfg.attack):
+          fixed.update(test_x=self.fd.x_test, test_y=self.fd.y_test)
         self.data_attack = _build(attacks_lib.get_data_attack(cfg.attack),
-                                  attack_kwargs, "attack", cfg.attack,
-                                  num_classes=self.fd.num_classes)
+                                  attack_kwargs, "attack", cfg.attack, **fixed)
     self.round_config = cfg.round_config()
     self.round_config.validate(self.layout.d)
     # Rules and attacks check their settings against d in init (k > d, ...):
@@ -197,11 +201,15 @@ class Experiment:
                           *((jnp.asarray(self.fd.x_val), jnp.asarray(self.fd.y_val))
                             if server_data else ()))
     x_test, y_test = self.fd.x_test, self.fd.y_test
+    keep = np.ones(len(y_test), bool)
     if self.targeted_aux is not None and self.targeted_aux.test_index is not None:
       # The auxiliary test points are the attack's, not the test set's
       # (sparsefed.txt B.5: test accuracy "not including the auxiliary set").
-      keep = np.ones(len(y_test), bool)
       keep[self.targeted_aux.test_index] = False
+    taken = requirements.attack_hook(cfg.attack, "held_out_test_rows")
+    if taken is not None:  # e.g. the edge-case backdoor's edge cases
+      keep[taken(attack_kwargs, x_test, y_test)] = False
+    if not keep.all():
       x_test, y_test = x_test[keep], y_test[keep]
     self.x_test = jnp.asarray(x_test)
     self.y_test = jnp.asarray(y_test)
