@@ -73,6 +73,15 @@ def _postfix(loss: float, seconds: float, last: Optional[dict],
   return post
 
 
+def software() -> dict:
+  """What decides the arithmetic besides the configuration: the JAX and
+  jaxlib versions and the XLA flags (a long run of many local steps
+  amplifies a one-ulp difference in the order of a sum)."""
+  import jaxlib
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def run_loop(runner, progress: bool = False, on_round=None,
              desc: str = "rounds", started: Optional[float] = None) -> list[dict]:
   """Runs (or resumes) every seed of ``runner`` to ``rounds``.
@@ -157,6 +166,7 @@ def run_loop(runner, progress: bool = False, on_round=None,
     # The loss and accuracy means are summed per device: a rerun matches
     # bit for bit on the same number of devices.
     summary["devices"] = jax.device_count()
+    summary["software"] = software()
     for k in runner.final_eval_keys:
       summary[f"final_{k}"] = ev.get(k) if ev else None
     if cfg.twin:
