@@ -11,6 +11,7 @@ import numpy as np
 
 from fedjax_sparse.testing import aggregator_refs as refs
 from fedjax_sparse.testing import byzfl as byzfl_loader
+from fedjax_sparse.testing.crfl_ref import np_crfl_round
 from fedjax_sparse.testing.signguard_ref import signguard_ref
 
 BYZFL = byzfl_loader.load()
@@ -146,6 +147,10 @@ def numpy_rule(name, u, w, f, aux):
   if name == "caf":  # unweighted: the filter's weights only
     c, _ = refs.np_caf(u, f, dtype=F32)
     return refs.np_combine(u, None, np.ones(k, F32), c, 1, F32)
+  if name == "crfl":  # FedAvg, the model clipped to rho_1 = 2.1; numpy noise
+    noise = aux["rng"].standard_normal(d, dtype=F32)
+    return np_crfl_round(u, w, aux["global"], 2.1, 0.01, noise=noise,
+                         dtype=F32)["update"]
   if name == "signguard":  # sklearn MeanShift; its own random 10% of coordinates
     cols = aux["rng"].choice(d, max(1, int(0.1 * d)), replace=False)
     return signguard_ref(u, None, w, np.sort(cols))["update"]
@@ -164,10 +169,10 @@ def byzfl_rule(name, f, k=None):
   (ours ``fedavg`` weighted), its Krum family counts ``K - f - 1``
   neighbours (ours ``K - f - 2``), its ``GeometricMedian`` takes ``T = 3``
   Weiszfeld steps from zeros (ours, Pillutla et al.'s, runs from the
-  coordinate median to a tolerance); see tests/test_byzfl_oracle.py. Ours
-  MDA, MoNNA and SMEA weigh the mean of the clients they select; ByzFL's
-  CAF and SMEA estimate eigenvalues with one random power step (see
-  tests/test_aggregators_byzfl_rules.py)."""
+  coordinate median to a tolerance); see
+  tests/aggregators/test_byzfl_oracle.py. Ours MDA, MoNNA and SMEA weigh the
+  mean of the clients they select; ByzFL's CAF and SMEA estimate eigenvalues
+  with one random power step (see tests/aggregators/test_byzfl_rules.py)."""
   if BYZFL is None:
     return None
   b = BYZFL

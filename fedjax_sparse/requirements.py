@@ -31,6 +31,9 @@ Needs:
 * :data:`AUX_SET`: an attack's auxiliary set drawn by the attack builder,
   on which the run also reports the targeted accuracy and the OIF
   (SparseFed's targeted attack).
+* :data:`SERVER`: the server's optimizer and schedule, given to a rule's
+  factory as ``server_optimizer``, ``server_lr`` and ``rounds`` (a rule that
+  returns the update that lands the server on a model it chose: CRFL).
 * :data:`TEST_SPLIT`: the test split, given to a data attack's factory as
   ``test_x``, ``test_y`` (an attack whose poison is held-out data: the
   edge-case backdoor's edge cases).
@@ -67,12 +70,19 @@ POPULATION = "population"
 SPARSIFIER = "sparsifier"
 AGGREGATOR = "aggregator"
 TEST_SPLIT = "test_split"
+SERVER = "server"
 NEEDS = (SERVER_DATA, MODEL, AUX_SET, POPULATION, SPARSIFIER, AGGREGATOR,
-         TEST_SPLIT)
+         TEST_SPLIT, SERVER)
 HOOKS = ("asr_eval_set", "held_out_test_rows")
 
 _NEEDS_ATTR = "__fedjax_needs__"
 _HOOKS_ATTR = "__fedjax_hooks__"
+
+
+def server_arguments(cfg) -> dict:
+  """The keyword arguments of :data:`SERVER` from an experiment config."""
+  return {"server_optimizer": cfg.server_optimizer,
+          "server_lr": cfg.server_lr, "rounds": cfg.rounds}
 
 
 def declare(*needs: str, **hooks: Callable) -> Callable:

@@ -37,6 +37,7 @@ from fedjax_sparse.aggregators import caf as _caf  # registers caf
 from fedjax_sparse.aggregators import smea as _smea  # registers smea
 from fedjax_sparse.aggregators import arc as _arc  # pre-registers arc
 from fedjax_sparse.aggregators import signguard as _signguard  # registers signguard
+from fedjax_sparse.aggregators import crfl as _crfl  # registers crfl
 
 __all__ = ["AggContext", "AggOut", "Aggregator", "combine", "compose",
            "expand_pack_mask", "get", "get_pre", "names", "pre_names",

@@ -79,6 +79,7 @@ from fedjax_sparse.aggregators.base import (AggOut, Aggregator,
                                             combine_finite, stateless)
 from fedjax_sparse.aggregators.clipping import clip_by_l2_norm
 from fedjax_sparse.aggregators.registry import register
+from fedjax_sparse.requirements import SERVER, declare
 
 Array = jax.Array
 
@@ -133,6 +134,7 @@ def crfl_rho(t, rho: float = 2.0, rho_growth: float = 0.1,
 
 
 @register("crfl")
+@declare(SERVER)
 def crfl(rho: float = 2.0, rho_growth: float = 0.1, rho_max: float = 15.0,
          sigma: float = 0.01, rounds: Optional[int] = None,
          server_optimizer: str = "sgd", server_lr: float = 1.0) -> Aggregator:

@@ -129,6 +129,8 @@ class Experiment:
       agg_kwargs = {**self._model_aware_args(), **agg_kwargs}
     if requirements.POPULATION in rule_needs:
       agg_kwargs = {"num_clients": cfg.num_clients, **agg_kwargs}
+    if requirements.SERVER in rule_needs:
+      agg_kwargs = {**requirements.server_arguments(cfg), **agg_kwargs}
     self.aggregator = _build(aggregators_lib.get(cfg.aggregator), agg_kwargs,
                              "aggregator", cfg.aggregator)
     from fedjax_sparse import attacks as attacks_lib

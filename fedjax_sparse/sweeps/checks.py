@@ -26,6 +26,8 @@ def _check_hyperparameters(cfg: ExperimentConfig) -> None:
     if requirements.needs_of(factory) & {requirements.MODEL,
                                          requirements.POPULATION}:
       inspect.signature(factory).bind_partial(**kwargs)  # the model comes later
+    elif requirements.SERVER in requirements.needs_of(factory):
+      factory(**{**requirements.server_arguments(cfg), **kwargs})
     else:
       factory(**kwargs)
   except TypeError as e:
