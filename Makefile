@@ -10,10 +10,11 @@ FMNIST_FILE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
 .PHONY: demo test test-all bench peers fmnist fmnist-optional clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the committed results ran with.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[test,tfds]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[test,tfds]'
 	@touch $(STAMP)
 
 # FashionMNIST comes from Debian's dataset-fashion-mnist package (offline IDX files).
