@@ -40,6 +40,15 @@ def finite_rows(updates: Array) -> Array:
   return jnp.isfinite(jnp.sum(updates * zero, axis=1))
 
 
+def usable_rows(updates: Array, ctx) -> Array:
+  """``bool[K]``: the rows a rule may use: all of them when the caller has
+  screened non-finite uploads (``ctx.finite_uploads``), else
+  :func:`finite_rows`."""
+  if ctx.finite_uploads:
+    return jnp.ones((updates.shape[0],), bool)
+  return finite_rows(updates)
+
+
 def zero_rows(updates: Array, keep: Array) -> Array:
   """Rows with ``keep`` False set to 0 (also clears their inf/nan)."""
   return jnp.where(keep[:, None], updates, jnp.zeros((), updates.dtype))

@@ -153,8 +153,7 @@ def flame(lamb: float = 0.001, min_samples: int = 2,
 
   def apply(updates, masks, weights, key, ctx):
     k, d = updates.shape
-    ok = (jnp.ones((k,), bool) if ctx.finite_uploads
-          else _common.finite_rows(updates))
+    ok = _common.usable_rows(updates, ctx)
     cos, norms = cosine_and_norms(updates, ok)
     # 1. Dynamic model filtering.
     if k == 1:

@@ -142,8 +142,7 @@ def foolsgold(num_clients: int, kappa: float = 1.0) -> Aggregator:
       raise ValueError(
           f"foolsgold: K={k} updates but num_clients={num_clients} history "
           "rows and no ctx.clients; raise num_clients")
-    ok = (jnp.ones((k,), bool) if ctx.finite_uploads
-          else _common.finite_rows(updates))
+    ok = _common.usable_rows(updates, ctx)
     prev = state.history[clients]
     new = prev + _common.zero_rows(updates, ok).astype(prev.dtype)
     # max |row| is finite exactly when the row is (NaN and inf propagate).

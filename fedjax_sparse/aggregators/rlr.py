@@ -73,8 +73,7 @@ def rlr(theta: float = 4.0, eta: float = 1.0) -> Aggregator:
   def apply(updates, masks, weights, key, ctx):
     del key
     k = updates.shape[0]
-    ok = (jnp.ones((k,), bool) if ctx.finite_uploads
-          else _common.finite_rows(updates))
+    ok = _common.usable_rows(updates, ctx)
     x = _common.zero_rows(updates, ok)
     votes = sign_votes(x)
     rate = jnp.where(votes >= theta, jnp.float32(eta), jnp.float32(-eta))

@@ -62,9 +62,9 @@ Choices (ours, each documented where the paper is silent or differs):
   a line when no entry is 0), and the bandwidth an average of their
   distances, so a distance can equal the bandwidth in exact arithmetic;
   then the last bit decides, float32 here, float64 in scikit-learn, and the
-  clusters may differ (tests/test_signguard.py met one such round in 15,
-  at K = 8; scikit-learn's own labels there change when the bandwidth moves
-  by 1e-6).
+  clusters may differ (tests/aggregators/test_signguard.py met one such
+  round in 15, at K = 8; scikit-learn's own labels there change when the
+  bandwidth moves by 1e-6).
 
 Acceptance is 1 for ``S``, 0 otherwise (1 for every finite client when ``S``
 was empty). Diagnostics: ``cluster_labels int32[K]`` (-1: no cluster),
@@ -175,8 +175,7 @@ def signguard(lower_bound: float = 0.1, upper_bound: float = 3.0,
 
   def apply(updates, masks, weights, key, ctx):
     k, d = updates.shape
-    ok = (jnp.ones((k,), bool) if ctx.finite_uploads
-          else _common.finite_rows(updates))
+    ok = _common.usable_rows(updates, ctx)
     norms = jnp.where(ok, _common.safe_norm(updates, axis=1), 0.0)
     # 1. Norm-based filtering.
     med = median_norm(norms, ok)
