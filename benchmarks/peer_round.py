@@ -116,7 +116,8 @@ from benchmarks._peer_round import (BATCH, BETA, LR, MODELS, N_PER_CLIENT,
                                     select_engine, timed)
 from benchmarks.peer_round_torch import (flb_round, torch_settings_check,
                                          use_torch_config)
-# The torch twins, importable from here as before (tests/test_peer_round.py).
+# The torch twins, importable from here as before
+# (tests/benchmarks/test_peer_round.py).
 from benchmarks.peer_round_torch import (  # noqa: F401
     FlbRound, torch_centered_clipping, torch_krum_scores, torch_median,
     torch_model, torch_multi_krum)

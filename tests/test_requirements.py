@@ -13,8 +13,7 @@ from fedjax_sparse import attacks
 from fedjax_sparse import metrics
 from fedjax_sparse import requirements
 from fedjax_sparse.requirements import AUX_SET, MODEL, SERVER_DATA, declare
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def test_declarations_of_the_built_in_rules_and_attacks():

@@ -70,7 +70,7 @@ def kth_largest_abs(x: Array, k: int) -> Array:
   inside the jitted rule: 25 x 270k in about 50 ms, where the 32 counting
   passes of :func:`kth_largest_abs_bisect` took about 250 ms and a row sort
   1.9 s); elsewhere, where a host call would cross to the host each round,
-  by bisection. Both give the same value (tests/test_aggregators_extra.py).
+  by bisection. Both give the same value (tests/aggregators/test_extra.py).
   """
   if jax.default_backend() != "cpu":
     return kth_largest_abs_bisect(x, k)

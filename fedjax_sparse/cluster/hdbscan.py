@@ -49,7 +49,7 @@ cluster before or after a split. With ``min_samples <= 2`` and distinct
 pairwise distances, no two edges of the tree have the same weight; larger
 ``min_samples`` make ties common (a point's core distance is the weight of
 several of its edges), and the partitions agreed with scikit-learn's on
-every random matrix that tests/test_hdbscan.py tried. Distance 0 gives
+every random matrix that tests/cluster/test_hdbscan.py tried. Distance 0 gives
 ``lambda = inf``, as in scikit-learn. Clusters are numbered in the order of
 their smallest point index (scikit-learn numbers them in the order of its
 condensed tree; the partitions are the same).

@@ -14,7 +14,8 @@ What a seed means here: seed ``s`` of :func:`run_seeds` is the run
 federated data ``fd`` (built once from ``cfg.seed`` when not given). It draws
 the model initialisation, client sampling, local batches, aggregator and
 attack randomness, and the malicious clients in ``random`` mode. Results
-agree with those separate runs to float rounding (``tests/test_scale.py``).
+agree with those separate runs to float rounding
+(``tests/simulation/test_scale.py``).
 
 Limits: update attacks whose construction depends on the seed (the saliency
 masks of ``hsa``/``dhsa`` are computed on each seed's initial model) cannot
@@ -24,7 +25,7 @@ recorded (escape ratios, the unattacked twin of ``--twin``, ASR, targeted
 accuracy and OIF): both go through one loop,
 :func:`fedjax_sparse.simulation.loop.run_loop`.
 ``client_devices`` other than 1 works in the ``vmap`` and ``map`` modes
-(``shard_map`` under them), see ``tests/test_scale.py``. With output
+(``shard_map`` under them), see ``tests/simulation/test_scale.py``. With output
 directories, a batch checkpoints its stacked state and resumes after a kill
 like a single run. ``experiments.sweep --batch_seeds`` runs the seeds of each
 grid cell this way.

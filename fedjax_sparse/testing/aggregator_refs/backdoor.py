@@ -2,7 +2,7 @@
 
 :func:`np_hdbscan` walks through fedjax_sparse/cluster/hdbscan.py step by
 step; FLAME uses scikit-learn's HDBSCAN
-(tests/test_aggregators_backdoor.py, tests/test_hdbscan.py).
+(tests/aggregators/test_backdoor.py, tests/cluster/test_hdbscan.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and ARC (a pre-aggregator).
 
 Rows with inf/nan are "unusable": they are ranked last or weighted 0, as
-our rules treat them (tests/test_aggregators_byzfl_rules.py).
+our rules treat them (tests/aggregators/test_byzfl_rules.py).
 """
 
 from __future__ import annotations

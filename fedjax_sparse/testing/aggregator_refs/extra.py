@@ -2,7 +2,7 @@
 
 The rules that score clients on parts of the update (coordinate groups,
 random coordinate subsets, layers) or against a server update
-(tests/test_aggregators_extra.py).
+(tests/aggregators/test_extra.py).
 """
 
 from __future__ import annotations

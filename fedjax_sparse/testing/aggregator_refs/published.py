@@ -2,7 +2,7 @@
 
 The geometric median run to convergence, RFA's smoothed Weiszfeld as our
 rule runs it, and Bulyan's iterated Krum and mean around the median
-(tests/test_aggregators_robust_defs.py).
+(tests/aggregators/test_robust_defs.py).
 """
 
 from __future__ import annotations
