@@ -50,6 +50,10 @@ flags.DEFINE_string("add_attack_args", "", "Attack arguments for cells "
                     "('targeted_pgd:aux_source=train'): added to the saved "
                     "attack_args of that attack's cells where they lack the "
                     "key.")
+flags.DEFINE_list("rename_aggregators", [], "old:new rule names for cells "
+                  "made before a rule was renamed ('bulyan:bulyan_fast': the "
+                  "one-shot Bulyan of the cells made before Bulyan became El "
+                  "Mhamdi et al.'s iterated Krum).")
 FLAGS = flags.FLAGS
 
 IGNORED = ("seconds",)
@@ -124,7 +128,8 @@ def shortened(cfg, max_rounds: int):
 
 def reproduce(cell_dir: str, rtol: float = 0.0, max_rounds: int = 0,
               aggregator_args_by_name: Optional[dict] = None,
-              attack_args_by_name: Optional[dict] = None) -> Optional[str]:
+              attack_args_by_name: Optional[dict] = None,
+              renamed: Optional[dict] = None) -> Optional[str]:
   """Reruns one cell; None when it reproduces, else the difference.
 
   ``aggregator_args_by_name`` / ``attack_args_by_name``: rule or attack
@@ -135,6 +140,8 @@ def reproduce(cell_dir: str, rtol: float = 0.0, max_rounds: int = 0,
   from fedjax_sparse.simulation import io
   from fedjax_sparse.simulation.experiment import run_experiment
   cfg = config_of(cell_dir)
+  cfg = dataclasses.replace(
+      cfg, aggregator=(renamed or {}).get(cfg.aggregator, cfg.aggregator))
   cfg = dataclasses.replace(
       cfg,
       aggregator_args=_with_missing(
@@ -159,11 +166,18 @@ def main():
   from fedjax_sparse.sweeps.tables import parse_args_by_name
   by_name = parse_args_by_name(FLAGS.add_aggregator_args, "aggregator")
   attack_by_name = parse_args_by_name(FLAGS.add_attack_args, "attack")
+  renamed = {}
+  for pair in FLAGS.rename_aggregators:
+    if pair.count(":") != 1:
+      raise ValueError(f"--rename_aggregators takes old:new pairs, got "
+                       f"{pair!r}")
+    old_name, new_name = pair.split(":")
+    renamed[old_name] = new_name
   passed = failed = 0
   for cell in FLAGS.cells:
     try:
       diff = reproduce(cell, FLAGS.rtol, FLAGS.max_rounds, by_name,
-                       attack_by_name)
+                       attack_by_name, renamed)
     except (ValueError, FileNotFoundError) as e:
       diff = f"cannot rerun: {e}"
     if diff is None:

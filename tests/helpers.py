@@ -294,6 +294,9 @@ CLAIMS = {
     "rlr": Claim(bound="finite", why="a mean with sign-flipped coordinates"),
     "signguard": Claim(bound="norm",
                        why="accepted rows clipped to the median norm"),
+    "crfl": Claim(hp=(("rho", CLIP), ("rho_growth", 0.0), ("rho_max", CLIP),
+                      ("sigma", 0.0)), bound="clip",
+                  why="the new model is clipped to rho (noise off)"),
     "mda": Claim(why="the K - f rows of smallest diameter are honest when the "
                      "outliers are far"),
     "smea": Claim(why="the K - f rows of smallest covariance are honest when "
@@ -333,9 +336,13 @@ def property_ctx(k, f, steps=None, server_update=None, round_=0):
   steps = jnp.asarray(np.ones(k) if steps is None else steps, jnp.float32)
   if server_update is not None:
     server_update = jnp.asarray(server_update, jnp.float32)
+  # A global model of zeros where the rule may need one (CRFL clips the
+  # new model w - mean: here the mean itself).
   return AggContext(round=jnp.int32(round_), local_steps=steps,
-                    server_update=server_update, num_byzantine=f,
-                    num_clients=k)
+                    server_update=server_update,
+                    global_params=(None if server_update is None
+                                   else jnp.zeros_like(server_update)),
+                    num_byzantine=f, num_clients=k)
 
 
 def property_apply(name, hp, u, w, f, state=None, steps=None,

@@ -22,6 +22,8 @@ def test_declarations_of_the_built_in_rules_and_attacks():
   assert {n for n, v in needs.items() if MODEL in v} == {"class_aware_masking"}
   assert {n for n, v in needs.items()
           if requirements.POPULATION in v} == {"foolsgold"}
+  assert {n for n, v in needs.items()
+          if requirements.SERVER in v} == {"crfl"}
   assert requirements.aggregator_needs("cm") == frozenset()
   aux = {n for n in attacks.names() if AUX_SET in requirements.attack_needs(n)}
   assert aux == {"targeted_pgd"}
@@ -29,7 +31,8 @@ def test_declarations_of_the_built_in_rules_and_attacks():
             if requirements.SPARSIFIER in requirements.attack_needs(n)}
   assert sparse == {"mask_mimicry", "sign_camouflage"}
   assert requirements.attack_needs("none") == frozenset()
-  assert metrics.backdoor_attacks() == ["dba", "neurotoxin", "pixel_backdoor",
+  assert metrics.backdoor_attacks() == ["dba", "edge_case_backdoor",
+                                        "neurotoxin", "pixel_backdoor",
                                         "semantic_backdoor"]
   assert not metrics.is_backdoor("ipm") and not metrics.is_backdoor("none")
 

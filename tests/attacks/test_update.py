@@ -38,7 +38,7 @@ def test_registry():
   assert set(UPDATE_CASES) | {"targeted_pgd"} == set(A.update_attack_names())
   assert set(A.data_attack_names()) == {"label_flip", "pixel_backdoor", "dba",
                                         "semantic_backdoor", "convergence_prevention",
-                                        "neurotoxin"}
+                                        "neurotoxin", "edge_case_backdoor"}
   with pytest.raises(ValueError, match="known update attacks: .*alie"):
     A.get_update_attack("nope")
   with pytest.raises(ValueError, match="data attack"):

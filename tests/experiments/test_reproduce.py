@@ -30,6 +30,8 @@ def test_a_cell_reproduces_and_a_changed_one_does_not(tmp_path):
   run_experiment(dataclasses.replace(SMALL, output_dir=str(cell)),
                  progress=False)
   assert reproduce.reproduce(str(cell)) is None
+  # A renamed rule reruns under its new name (here: another rule).
+  assert reproduce.reproduce(str(cell), renamed={"fedavg": "median"})
   recs = io.read_jsonl(str(cell / "rounds.jsonl"))
   recs[1]["loss"] += 1e-3
   io.write_jsonl(str(cell / "rounds.jsonl"), recs)
@@ -74,20 +76,3 @@ def test_shortened_keeps_the_attack_and_the_decay_round():
   with pytest.raises(ValueError, match="decay at round 75"):
     reproduce.shortened(cfg, 80)
   assert reproduce.shortened(cfg, 200) == cfg
-
-
-def test_cpu_devices_from_the_environment(monkeypatch):
-  from fedjax_sparse.simulation import devices
-  monkeypatch.setenv("FEDJAX_SPARSE_CPU_DEVICES", "zero")
-  with pytest.raises(ValueError, match="FEDJAX_SPARSE_CPU_DEVICES"):
-    devices.use_cpu_devices()
-
-
-def test_patient_collectives_flags():
-  from fedjax_sparse.simulation import devices
-  out = devices.patient_collectives("--xla_foo=1", "0.10.2")
-  assert out.startswith("--xla_foo=1 ")
-  assert all(f in out for f in devices.PATIENT_COLLECTIVES)
-  assert devices.patient_collectives(out, "0.10.2") == out  # once only
-  assert devices.patient_collectives("", "0.4.30") == ""  # unknown flags
-  assert devices.patient_collectives("", "dev") == ""
