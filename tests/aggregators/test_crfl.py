@@ -254,6 +254,7 @@ def test_smoothed_votes_on_a_linear_model():
   np.testing.assert_array_equal(other, counts)
 
 
+@pytest.mark.slow
 def test_certify_end_to_end():
   theta = jnp.array([1.0, -1.0])
   x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # theta . x[2] = 0

@@ -78,6 +78,7 @@ def test_mean_shift_matches_sklearn_on_60_feature_sets():
   assert exact == 60
 
 
+@pytest.mark.slow
 def test_mean_shift_other_settings_match_sklearn():
   # Without bin seeding, with cluster_all, and in 2-D (other shapes).
   rs = np.random.RandomState(5)
@@ -245,6 +246,7 @@ def _check_against_ref(updates, masks, weights, key, pack_size=1, **hparams):
   return out, ref, tie
 
 
+@pytest.mark.slow
 def test_signguard_matches_reference_on_random_rounds():
   rs = np.random.RandomState(17)
   rejected = ties = 0
@@ -260,6 +262,7 @@ def test_signguard_matches_reference_on_random_rounds():
   assert ties <= 2  # one in these 15 rounds (a float tie at K = 8)
 
 
+@pytest.mark.slow
 def test_signguard_matches_reference_with_masks_and_nonfinite_rows():
   rs = np.random.RandomState(3)
   k, d, pack = 12, 240, 4
@@ -277,6 +280,7 @@ def test_signguard_matches_reference_with_masks_and_nonfinite_rows():
     assert np.all(np.isfinite(np.asarray(out.update)))
 
 
+@pytest.mark.slow
 def test_signguard_kmeans_matches_reference_on_separated_rounds():
   rs = np.random.RandomState(11)
   for t in range(4):

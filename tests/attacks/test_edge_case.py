@@ -264,6 +264,7 @@ def test_edge_cases_are_disjoint_from_client_data_and_the_clean_test_set():
       == len(fd.y_test)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", ["", "pgd_eps=0.5"])
 def test_runs_record_the_asr_on_the_held_out_edge_cases(tmp_path, args):
   cfg = dataclasses.replace(SMALL, attack_args=args, output_dir=str(tmp_path))
@@ -274,6 +275,7 @@ def test_runs_record_the_asr_on_the_held_out_edge_cases(tmp_path, args):
   assert summary["final_asr"] == records[-1]["asr"]
 
 
+@pytest.mark.slow
 def test_pgd_with_model_replacement_composes_in_one_round_step():
   # "PGD with replacement": the data attack trains the attackers' projected
   # updates, model_replacement then scales them by gamma = K / server_lr.

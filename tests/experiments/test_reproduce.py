@@ -25,6 +25,7 @@ def test_compare_records():
   assert "rounds" in reproduce.compare_records(old, [])
 
 
+@pytest.mark.slow
 def test_a_cell_reproduces_and_a_changed_one_does_not(tmp_path):
   cell = tmp_path / "cell"
   run_experiment(dataclasses.replace(SMALL, output_dir=str(cell)),

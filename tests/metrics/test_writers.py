@@ -69,6 +69,7 @@ def test_without_a_backend_nothing_is_written(tmp_path):
     writers.create_writer("", tensorboard=True)
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_one_event_directory_per_cell(tmp_path):
   from experiments import sweep
   base = dataclasses.replace(SMALL, output_dir=str(tmp_path), rounds=2)
