@@ -233,6 +233,7 @@ def test_lr_decay_round_from_the_fraction_of_rounds():
   assert dataclasses.replace(cfg, lr_decay_at=1.0).lr_decay_round == 100
 
 
+@pytest.mark.slow
 def test_lr_decay_in_both_loops_and_no_extension_on_resume(tmp_path):
   """The schedule acts in run_experiment and in the seed-batched loop alike
   (the same round losses), changes nothing before its round, and a run
@@ -280,6 +281,7 @@ def test_round_records_say_which_threat_model_ran(tmp_path, attack, args, space)
     assert rec.get("attack_space") == space
 
 
+@pytest.mark.slow
 def test_model_width_sets_the_hidden_layers(tmp_path):
   """--model_width=100: the hybrid paper's MLP of about 80k parameters."""
   import jax

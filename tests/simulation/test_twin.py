@@ -51,6 +51,7 @@ def unattacked():
   return ref, ref_history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["ipm", "label_flip"])
 def test_twin_is_the_run_without_attackers(attack, unattacked):
   """Same seed, no attackers: the twin equals a separate attack="none" run."""
