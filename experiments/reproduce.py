@@ -16,7 +16,8 @@ attack was not active (earlier versions recorded them; they are null now).
 first round; the learning-rate decay stays where it was). The round metrics
 are summed per device, so a cell reruns bit for bit on as many devices as
 made it (``devices`` in its ``summary.json``; set
-``FEDJAX_SPARSE_CPU_DEVICES`` to match). Prints one line per cell and a closing ``N passed, M failed`` line; exits 1
+``FEDJAX_SPARSE_CPU_DEVICES`` to match). Prints one line per cell and a
+closing ``N passed, M failed`` line; exits 1
 when a cell differs.
 """
 

@@ -77,14 +77,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from fedjax_sparse.aggregators import _common
 from fedjax_sparse.aggregators.base import AggOut, Aggregator, stateless
 from fedjax_sparse.aggregators.flame import median_norm
 from fedjax_sparse.aggregators.registry import register
 from fedjax_sparse.cluster.kmeans import kmeans
-from fedjax_sparse.cluster.meanshift import estimate_bandwidth, mean_shift
+from fedjax_sparse.cluster.meanshift import estimate_bandwidth, exact_div, mean_shift
 
 Array = jax.Array
 
@@ -109,12 +108,6 @@ def selected_coordinates(key: Array, d: int, selection_fraction: float) -> Array
   return _common.sample_coordinates(key, d, b)
 
 
-def _divide(num: Array, den: Array) -> Array:
-  """``num / den`` rounded as numpy's division (no reciprocal; see
-  :func:`fedjax_sparse.cluster.meanshift._exact_div`)."""
-  return num / lax.optimization_barrier(jnp.broadcast_to(den, num.shape))
-
-
 def sign_features(updates: Array, cols: Array, ok: Array) -> Array:
   """``f32[K, 3]`` SignGuard's features of the ``ok`` rows on ``cols``.
 
@@ -127,10 +120,10 @@ def sign_features(updates: Array, cols: Array, ok: Array) -> Array:
   b = sub.shape[1]
   counts = jnp.stack([jnp.sum(sub > 0, axis=1), jnp.sum(sub == 0, axis=1),
                       jnp.sum(sub < 0, axis=1)], axis=1)
-  frac = _divide(counts.astype(jnp.float32), jnp.float32(b))
+  frac = exact_div(counts.astype(jnp.float32), jnp.float32(b))
   frac = jnp.where(ok[:, None], frac, 0.0)
   top = jnp.max(frac, axis=0) + jnp.float32(1e-8)
-  return jnp.where(ok[:, None], _divide(frac, top[None, :]), 0.0)
+  return jnp.where(ok[:, None], exact_div(frac, top[None, :]), 0.0)
 
 
 def largest_cluster(labels: Array) -> Array:

@@ -96,7 +96,7 @@ def _sq_dists(a: Array, b: Array) -> Array:
   return jnp.sum(diff * diff, axis=-1)
 
 
-def _exact_div(num: Array, den: Array) -> Array:
+def exact_div(num: Array, den: Array) -> Array:
   """``num / den`` rounded as IEEE division (numpy's).
 
   XLA:CPU turns a division by a broadcast value into a multiplication by
@@ -162,7 +162,7 @@ def _bin_seeds(x: Array, valid: Array, bandwidth: Array) -> tuple[Array, Array]:
   """``get_bin_seeds(X, bandwidth, 1)``: ``(seeds f32[n, p], seed_valid bool[n])``."""
   n = x.shape[0]
   positive = bandwidth > 0
-  cells = jnp.round(_exact_div(x, jnp.where(positive, bandwidth, 1.0)))
+  cells = jnp.round(exact_div(x, jnp.where(positive, bandwidth, 1.0)))
   same = jnp.all(cells[:, None, :] == cells[None, :, :], axis=-1)
   earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)
   first = valid & ~jnp.any(same & earlier & valid[None, :], axis=1)
@@ -188,7 +188,7 @@ def _climb(x: Array, valid: Array, seeds: Array, seed_valid: Array,
     within = (_sq_dists(mean, xv) <= bw2) & valid[None, :]
     cnt = jnp.sum(within, axis=1, dtype=jnp.int32)
     sums = jnp.matmul(within.astype(jnp.float32), xv, precision=_HIGHEST)
-    new = _exact_div(sums, jnp.maximum(cnt, 1).astype(jnp.float32)[:, None])
+    new = exact_div(sums, jnp.maximum(cnt, 1).astype(jnp.float32)[:, None])
     new = jnp.where(positive, new, mean)  # bandwidth 0: the seed stays
     shift = jnp.sqrt(jnp.sum((new - mean) ** 2, axis=1))
     has = cnt > 0
